@@ -1,0 +1,176 @@
+"""Which conv produces a CBN layer's input.
+
+Two ways to find it, both ending in a :class:`ConvBinding`:
+
+* structurally, from a module tree (:func:`find_producing_conv`): a ``Sequential`` whose previous child
+  is a conv, an mmcv ``ConvModule`` with ``norm`` right after ``conv``, or ``convN``/``bnN`` (or
+  ``normN``) siblings as in torchvision's and mmdet's ResNets;
+* from the autograd graph of the layer's input on a training forward (:func:`binding_from_graph`), for
+  a layer nobody bound.
+
+Only a plain ``nn.Conv2d`` (or a subclass that keeps its forward, such as mmcv's ``Conv2d`` wrapper)
+can be compensated: a deformable or weight-standardised conv, a transposed conv, or an input that went
+through anything after the conv (an activation, a pooling) cannot.
+"""
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Set, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from .conv_moments import ConvGeometry
+
+#: ``forward`` functions of ``nn.Conv2d`` subclasses known to compute a plain conv with
+#: ``self.weight``. Extend it to allow another wrapper.
+PLAIN_CONV_FORWARDS: Set[Callable] = {nn.Conv2d.forward}
+try:  # mmcv's Conv2d wrapper only special-cases empty inputs
+    from mmcv.cnn.bricks.wrappers import Conv2d as _MMCVConv2d
+    PLAIN_CONV_FORWARDS.add(_MMCVConv2d.forward)
+except ImportError:  # pragma: no cover - mmcv is a dependency, but the layer does not need it
+    pass
+
+
+@dataclass(eq=False)
+class ConvBinding:
+    """The conv a CBN layer is compensated against.
+
+    Args:
+        weight: the conv's weight parameter (read at every step, never copied).
+        bias: its bias parameter, or None.
+        geometry: stride, padding, dilation, groups.
+        name: the conv's name in the model (or a description), for logs.
+        module: the conv module when known; a binding from the autograd graph has none.
+    """
+    weight: nn.Parameter
+    bias: Optional[nn.Parameter]
+    geometry: ConvGeometry
+    name: str = ''
+    module: Optional[nn.Conv2d] = None
+    hook: Optional[torch.utils.hooks.RemovableHandle] = field(default=None, repr=False)
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the optimizer can change the conv (else compensation is zero)."""
+        return self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+
+
+def plain_conv_problem(module: nn.Module) -> Optional[str]:
+    """None if ``module`` is a conv CBN can be compensated against, else why not."""
+    if not isinstance(module, nn.Conv2d):
+        return f'{type(module).__name__} is not an nn.Conv2d'
+    if type(module).forward not in PLAIN_CONV_FORWARDS or \
+            type(module)._conv_forward is not nn.Conv2d._conv_forward:
+        return (f'{type(module).__name__} overrides the conv forward (deformable or weight-'
+                'standardised convs are not linear in their weight parameter)')
+    if module.padding_mode != 'zeros' and not isinstance(module.padding, tuple):
+        return f'{type(module).__name__} uses padding={module.padding!r} with ' \
+               f'padding_mode={module.padding_mode!r}'
+    return None
+
+
+def binding_for(conv: nn.Conv2d, name: str = '') -> ConvBinding:
+    """A binding to ``conv``; raises TypeError if it cannot be compensated."""
+    problem = plain_conv_problem(conv)
+    if problem is not None:
+        raise TypeError(f'cannot bind a CBN layer to {name or type(conv).__name__}: {problem}')
+    return ConvBinding(conv.weight, conv.bias, ConvGeometry.of(conv), name or type(conv).__name__,
+                       conv)
+
+
+_ORDERED_SUFFIX = re.compile(r'^(?:bn|norm)(\d*)$')
+
+
+def find_producing_conv(parent: nn.Module, child_name: str) -> Tuple[Optional[str], str]:
+    """Finds, among ``parent``'s children, the conv whose output feeds ``parent.<child_name>``.
+
+    Returns:
+        ``(conv_child_name, '')`` when found and compensable, else ``(None, reason)``.
+    """
+    names = [n for n, _ in parent.named_children()]
+    candidate: Optional[str] = None
+    # mmcv ConvModule: conv -> norm -> act in `order`
+    order = getattr(parent, 'order', None)
+    if hasattr(parent, 'norm_name') and getattr(parent, 'norm_name') == child_name and \
+            isinstance(order, tuple) and 'conv' in order:
+        if order.index('norm') != order.index('conv') + 1:
+            return None, f'its ConvModule applies the norm before the conv (order={order})'
+        candidate = 'conv'
+    elif isinstance(parent, nn.Sequential):
+        i = names.index(child_name)
+        if i == 0:
+            return None, 'it is the first module of its Sequential: no conv before it'
+        candidate = names[i - 1]
+    else:
+        match = _ORDERED_SUFFIX.match(child_name)
+        if match is not None and f'conv{match.group(1)}' in names:
+            candidate = f'conv{match.group(1)}'
+    if candidate is None:
+        return None, 'no conv next to it in its parent module'
+    problem = plain_conv_problem(getattr(parent, candidate))
+    if problem is not None:
+        return None, f'its input comes from {candidate}: {problem}'
+    return candidate, ''
+
+
+def _leaf_parameter(node) -> Optional[Tensor]:
+    """The leaf tensor behind an autograd edge, looking through one dtype cast (autocast)."""
+    if node is None:
+        return None
+    if type(node).__name__ == 'ToCopyBackward0' and len(node.next_functions) == 1:
+        node = node.next_functions[0][0]
+    return getattr(node, 'variable', None) if node is not None else None
+
+
+def binding_from_graph(output: Tensor) -> Tuple[Optional[ConvBinding], str]:
+    """Binds to the conv whose output ``output`` is, read off the autograd graph.
+
+    Returns:
+        ``(binding, '')``, or ``(None, reason)``; the reason is '' when nothing upstream can change
+        (a frozen conv, or an input that does not require grad), where no compensation is needed.
+    """
+    fn = output.grad_fn
+    if fn is None:
+        return None, ''
+    if type(fn).__name__ != 'ConvolutionBackward0':
+        return None, f'its input comes from {type(fn).__name__}, not directly from a conv'
+    if fn._saved_transposed or len(fn._saved_weight.shape) != 4:
+        return None, 'its input comes from a transposed or non-2d conv'
+    weight = _leaf_parameter(fn.next_functions[1][0])
+    if weight is None:
+        if fn.next_functions[1][0] is None:
+            return None, ''  # frozen weight
+        return None, ('the weight of the conv before it is computed from its parameter (e.g. '
+                      'weight standardisation)')
+    bias_sizes = fn._saved_bias_sym_sizes_opt
+    has_bias = bias_sizes is not None and tuple(bias_sizes) == (weight.shape[0], )
+    bias = _leaf_parameter(fn.next_functions[2][0]) if has_bias else None
+    if has_bias and bias is None:
+        return None, 'the conv before it has a bias that is not a trainable leaf parameter'
+    geometry = ConvGeometry(tuple(weight.shape), tuple(fn._saved_stride), tuple(fn._saved_padding),
+                            tuple(fn._saved_dilation), fn._saved_groups)
+    return ConvBinding(weight, bias, geometry, f'conv with weight {tuple(weight.shape)}'), ''
+
+
+def conv_input_from_graph(output: Tensor, binding: ConvBinding) -> Optional[Tensor]:
+    """The input of the bound conv, if ``output`` is visibly its output; None if unknown."""
+    fn = output.grad_fn
+    if fn is None or type(fn).__name__ != 'ConvolutionBackward0' or \
+            _leaf_parameter(fn.next_functions[1][0]) is not binding.weight:
+        return None
+    # Under non-reentrant checkpointing the saved input is packed by a hook: unpacking it here would
+    # recompute the region. The entry's derivatives then come from the recomputation.
+    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+        return None
+    return fn._saved_input
+
+
+def input_contradicts_binding(output: Tensor, binding: ConvBinding) -> bool:
+    """True if the graph shows that ``output`` did not come from the bound conv."""
+    fn = output.grad_fn
+    if fn is None:
+        return False
+    if type(fn).__name__ != 'ConvolutionBackward0':
+        return True
+    leaf = _leaf_parameter(fn.next_functions[1][0])
+    return leaf is not None and leaf is not binding.weight

@@ -1,0 +1,152 @@
+"""Moments of a conv's output and their derivatives w.r.t. the conv's weight.
+
+Pure functions: no module state, no window, no schedule. For a conv ``y = W * x + b`` and each output
+channel ``c`` (``M`` = number of output positions ``N * Ho * Wo``, ``p`` = an im2col patch of ``x``):
+
+* ``mean_c = mean(y_c)`` and ``sqmean_c = mean(y_c ** 2)``;
+* ``d mean_c / d W_c = mean(p)``: one patch mean per group, shared by every channel of the group;
+* ``d sqmean_c / d W_c = (2 / M) * sum(y_c * p)``: the conv's weight gradient for ``grad_y = 2y/M``.
+
+Because ``mean`` is linear in ``W`` and ``<d sqmean/dW, W> = 2 * sqmean - 2 * b * mean`` at the weights
+where the derivatives were taken, an entry recorded at old weights is moved to the current weights
+``(W_t, b_t)`` without storing the old weights:
+
+* ``mean_hat = <patch_mean, W_t> + b_t``                           (exact),
+* ``sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old``  (first-order Taylor).
+"""
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Everything about a 2d conv except its parameters.
+
+    Args:
+        weight_shape: ``(C_out, C_in // groups, kh, kw)``.
+        stride, padding, dilation: pairs, as in :class:`torch.nn.Conv2d`.
+        groups: number of groups.
+        padding_mode: ``'zeros'`` or one of :func:`torch.nn.functional.pad`'s modes; a non-zero mode
+            pads the input before a conv with no padding, as ``nn.Conv2d`` does.
+    """
+    weight_shape: Tuple[int, int, int, int]
+    stride: Tuple[int, int] = (1, 1)
+    padding: Tuple[int, int] = (0, 0)
+    dilation: Tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_mode: str = 'zeros'
+
+    @classmethod
+    def of(cls, conv: torch.nn.Conv2d) -> 'ConvGeometry':
+        """The geometry of an ``nn.Conv2d`` (or subclass)."""
+        if isinstance(conv.padding, str):  # 'same' / 'valid'
+            if conv.padding == 'valid':
+                padding = (0, 0)
+            else:
+                padding = tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))
+                if any(d * (k - 1) % 2 for d, k in zip(conv.dilation, conv.kernel_size)):
+                    raise ValueError(f"padding='same' with an even receptive field is asymmetric: "
+                                     f"kernel_size={conv.kernel_size}, dilation={conv.dilation}")
+        else:
+            padding = tuple(conv.padding)
+        return cls(tuple(conv.weight.shape), tuple(conv.stride), padding, tuple(conv.dilation),
+                   conv.groups, conv.padding_mode)
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def patch_size(self) -> int:
+        """Number of weights per output channel, ``C_in // groups * kh * kw``."""
+        _, cin_g, kh, kw = self.weight_shape
+        return cin_g * kh * kw
+
+
+def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per-channel mean and (biased) variance of an NCHW tensor, in float32 or wider.
+
+    Two-pass (``var_mean``) rather than ``E[y^2] - E[y]^2``, so the variance keeps its precision when
+    the mean is large.
+    """
+    y = y if y.dtype in (torch.float32, torch.float64) else y.float()
+    var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
+    return mean, var
+
+
+def _padded(x: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, Tuple[int, int]]:
+    if geometry.padding_mode == 'zeros':
+        return x, geometry.padding
+    ph, pw = geometry.padding
+    return F.pad(x, (pw, pw, ph, ph), mode=geometry.padding_mode), (0, 0)
+
+
+def _weight_grad(grad_y: Tensor, x: Tensor, weight_shape, geometry: ConvGeometry,
+                 groups: int, padding) -> Tensor:
+    shape_only = x.new_empty(()).expand(weight_shape)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_y, x, shape_only, None, list(geometry.stride), list(padding),
+        list(geometry.dilation), False, [0, 0], groups, [False, True, False])
+    return grad_w
+
+
+def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, Tensor]:
+    """Derivatives of the output moments w.r.t. the conv weight, computed analytically.
+
+    Args:
+        x: the conv's input, NCHW (any float dtype; computed in float32 or wider).
+        y: the conv's output for ``x`` (with its bias, if any).
+        geometry: the conv's geometry.
+
+    Returns:
+        ``patch_mean`` of shape ``[groups, K]`` (``d mean_c / d W_c`` for every ``c`` in a group) and
+        ``sqmean_grad`` of shape ``[C_out, K]`` (``d sqmean_c / d W_c``), ``K = C_in // groups * kh * kw``.
+    """
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), torch.float32)
+    x, y = x.to(dtype), y.to(dtype)
+    x, padding = _padded(x, geometry)
+    n, c_out, ho, wo = y.shape
+    num_positions = n * ho * wo
+    g = geometry.groups
+    _, cin_g, kh, kw = geometry.weight_shape
+    sqmean_grad = _weight_grad(y * (2.0 / num_positions), x, geometry.weight_shape, geometry, g,
+                               padding)
+    # d mean / d W: the mean patch. Summing x over the batch first makes it a conv with one output
+    # channel per group on a single image.
+    ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)
+    patch_mean = _weight_grad(ones, x.sum(0, keepdim=True), (g, cin_g, kh, kw), geometry, g, padding)
+    return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
+
+
+def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
+               bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Moves recorded moments to the current conv weights (first-order Taylor, exact for the mean).
+
+    Args:
+        mean, var: ``[E, C]`` per-entry mean and variance recorded at the old weights.
+        patch_mean: ``[E, groups, K]``; sqmean_grad: ``[E, C, K]`` (see :func:`moment_derivatives`).
+        weight: the current conv weight ``[C, C_in // groups, kh, kw]``; bias: ``[C]`` or None.
+
+    Returns:
+        The compensated ``mean`` and ``var`` ``[E, C]``, where ``var = max(sqmean, mean^2) - mean^2``:
+        the clamp keeps each entry a valid (mean, second moment) pair, so the variance is >= 0.
+    """
+    num_entries, groups, k = patch_mean.shape
+    dtype = mean.dtype
+    w = weight.detach().to(dtype).reshape(weight.shape[0], k)
+    mean_hat = torch.einsum('egk,gok->ego', patch_mean, w.reshape(groups, -1, k)).reshape_as(mean)
+    sqmean_old = var + mean * mean
+    # <sqmean_grad, W_t> - 2 * sqmean_old is the change of the second moment (zero when W_t = W_old);
+    # written as a delta so var_old keeps its two-pass precision when the change is small.
+    d_sqmean = torch.einsum('eck,ck->ec', sqmean_grad, w) - 2.0 * sqmean_old
+    if bias is not None:
+        b = bias.detach().to(dtype)
+        mean_hat = mean_hat + b
+        d_sqmean = d_sqmean + 2.0 * mean * b
+    d_mean = mean_hat - mean
+    var_hat = (var + d_sqmean - d_mean * (mean_hat + mean)).clamp_min(0.0)
+    return mean_hat, var_hat

@@ -1,0 +1,442 @@
+"""Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) as a drop-in BatchNorm2d."""
+import warnings
+import weakref
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from mmengine.registry import MODELS
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
+                      input_contradicts_binding)
+from .conv_moments import compensate, moment_derivatives, output_moments
+from .window import MomentWindow
+
+RUNNING_STATS_SOURCES = ('window', 'batch')
+
+
+class _NormalizeWithWindow(torch.autograd.Function):
+    """``out = weight * (x - mean) * invstd + bias`` where ``mean``/``invstd`` come from ``count``
+    positions: the current batch's ``M`` plus the window's.
+
+    ``mean`` and ``invstd`` are passed as constants; the gradient through the current batch's share
+    of them is the BN gradient with the batch size replaced by ``count`` (the window entries are
+    constants), which backward applies in closed form::
+
+        dx = weight * invstd * (dy - sum(dy) / count - xhat * sum(dy * xhat) / count)
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+                invstd: Tensor, count: Tensor) -> Tensor:
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        shift = -mean * scale
+        if bias is not None:
+            shift = shift + bias.to(shift.dtype)
+        # statistics are float32 or wider; a half/bfloat16 x is upcast here and the result cast back
+        out = torch.addcmul(shift[None, :, None, None], x.to(scale.dtype), scale[None, :, None, None])
+        ctx.save_for_backward(x, weight, mean, invstd, count)
+        ctx.has_bias = bias is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, mean, invstd, count = ctx.saved_tensors
+        dtype = invstd.dtype
+        g = grad_out.to(dtype)
+        xmu = x.to(dtype) - mean[None, :, None, None]
+        sum_g = g.sum((0, 2, 3))
+        sum_g_xmu = (g * xmu).sum((0, 2, 3))
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            scale = invstd if weight is None else invstd * weight.to(dtype)
+            a = (invstd * invstd * sum_g_xmu / count)[None, :, None, None]
+            b = (sum_g / count)[None, :, None, None]
+            grad_x = ((g - b - xmu * a) * scale[None, :, None, None]).to(x.dtype)
+        if weight is not None and ctx.needs_input_grad[1]:
+            grad_weight = (sum_g_xmu * invstd).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_bias = sum_g.to(weight.dtype if weight is not None else dtype)
+        return grad_x, grad_weight, grad_bias, None, None, None
+
+
+@dataclass
+class _IterationState:
+    """What a layer computes once per iteration: its window compensated to the current weights."""
+    iteration: Optional[int]
+    mean: Tensor  # [E, C], entries newest first
+    var: Tensor  # [E, C]
+    weight: Tensor  # [E], 1 for a usable entry, 0 for one from a non-finite batch
+    calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
+
+    def seen(self, mean: Tensor, var: Tensor) -> bool:
+        """Whether a call this iteration had these statistics (a gradient-checkpoint recompute)."""
+        for m, v in self.calls:
+            tol_mean = 1e-5 * (v.sqrt() + m.abs()) + 1e-12
+            if bool(((m - mean).abs() <= tol_mean).all() &
+                    ((v - var).abs() <= 1e-5 * v + 1e-12).all()):
+                return True
+        return False
+
+
+@MODELS.register_module('CBN')
+class CrossIterationBatchNorm2d(_BatchNorm):
+    """Cross-Iteration Batch Normalization for 4D (NCHW) input.
+
+    In training, each channel is normalised with the mean and variance of the current batch pooled
+    with those of up to ``window_size - 1`` earlier iterations. Each earlier entry is first moved to
+    the current weights of the conv that produces this layer's input (first-order Taylor expansion,
+    exact for the mean), clamped so that its second moment is at least its squared mean, then all
+    entries are averaged::
+
+        mean = avg_i mean_i,  var = avg_i (var_i + mean_i^2) - mean^2
+
+    Earlier entries are constants (no gradient flows into past iterations). With an effective window
+    of 1 the layer is exactly ``nn.BatchNorm2d``; in eval mode it is a BatchNorm with running
+    statistics, so a CBN checkpoint loads into a BN model and inference costs the same.
+
+    The state dict holds exactly ``nn.BatchNorm2d``'s keys; the window is scratch state, kept in
+    float32 (or wider) on the layer's device and never saved.
+
+    The producing conv is found by :meth:`bind` (called by the converters and by ``CBNHook`` from the
+    module structure) or, for a layer nobody bound, from the autograd graph on its first training
+    forward. A layer whose input does not come straight from a plain conv runs the uncompensated
+    window (as ``compensation=False``) and warns once.
+
+    Iteration boundaries: entries recorded in one iteration join the window at the next one. When
+    :attr:`iteration` is set (``CBNHook`` sets it from ``runner.iter``), all calls with the same value
+    are one iteration: each normalises with its own batch plus the same window, and their statistics
+    are merged into one entry (weighted by size). When it is None, each call is its own iteration.
+    In both cases a call whose batch statistics equal an earlier call's of the same iteration (the
+    recomputation done by gradient checkpointing) reuses the window and records nothing.
+
+    Args:
+        num_features: number of channels ``C``.
+        eps: added to the variance. Default: 1e-5.
+        momentum: running-statistics momentum, or None for a cumulative average. Default: 0.1.
+        affine: learn a per-channel weight and bias. Default: True.
+        track_running_stats: keep running statistics for eval. Default: True.
+        window_size: the largest window, in iterations, the current one included (1 = BN).
+            Default: 4.
+        compensation: compensate earlier entries for the weight change; False gives naive CBN (the
+            ablation baseline). Default: True.
+        running_stats_source: ``'window'`` updates the running statistics from the window estimate,
+            ``'batch'`` from the current batch alone (as BN). Default: ``'window'``.
+    """
+    _abbr_ = 'bn'
+
+    def __init__(self,
+                 num_features: int,
+                 eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1,
+                 affine: bool = True,
+                 track_running_stats: bool = True,
+                 window_size: int = 4,
+                 compensation: bool = True,
+                 running_stats_source: str = 'window',
+                 device=None,
+                 dtype=None) -> None:
+        _check_int('num_features', num_features, 1)
+        _check_float('eps', eps, positive=True)
+        if momentum is not None:
+            _check_float('momentum', momentum)
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f'momentum must be None or in [0, 1], got {momentum}')
+        for name, value in (('affine', affine), ('track_running_stats', track_running_stats),
+                            ('compensation', compensation)):
+            if not isinstance(value, bool):
+                raise TypeError(f'{name} must be True or False, got {value!r}')
+        _check_int('window_size', window_size, 1)
+        if running_stats_source not in RUNNING_STATS_SOURCES:
+            raise ValueError(f'running_stats_source must be one of {RUNNING_STATS_SOURCES}, '
+                             f'got {running_stats_source!r}')
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+        self.window_size = window_size
+        self.compensation = compensation
+        self.running_stats_source = running_stats_source
+        self._effective_window = window_size
+        #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
+        self.iteration: Optional[int] = None
+        #: The layer's name in its model, for logs and warnings (set by the binders).
+        self.layer_name: str = ''
+        self._window = MomentWindow(window_size - 1)
+        self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
+        self._unbound_reason: Optional[str] = None
+        self._captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
+        self._state: Optional[_IterationState] = None
+        self._warned: set = set()
+        self.last_mean: Optional[Tensor] = None
+        self.last_var: Optional[Tensor] = None
+
+    # ------------------------------------------------------------------ configuration
+    @property
+    def effective_window(self) -> int:
+        """The window used now, the current iteration included (1 during burn-in)."""
+        return self._effective_window
+
+    @effective_window.setter
+    def effective_window(self, value: int) -> None:
+        _check_int('effective_window', value, 1)
+        if value > self.window_size:
+            raise ValueError(f'effective_window must be in [1, window_size={self.window_size}], '
+                             f'got {value}')
+        self._effective_window = value
+
+    @property
+    def binding(self) -> Optional[ConvBinding]:
+        """The conv this layer is compensated against, or None."""
+        return self._bindings[0] if self._bindings else None
+
+    @property
+    def unbound_reason(self) -> Optional[str]:
+        """Why the layer cannot be compensated, once known; None if bound or not yet tried."""
+        return self._unbound_reason
+
+    def bind(self, conv: nn.Conv2d, name: str = '') -> None:
+        """Compensates this layer against ``conv``, whose output must be this layer's input.
+
+        Raises:
+            TypeError: if ``conv`` is not a plain ``nn.Conv2d`` (e.g. deformable or weight-
+                standardised), whose output moments are not linear in its weight parameter.
+        """
+        binding = binding_for(conv, name)
+        self.unbind()
+        binding.hook = conv.register_forward_hook(self._capture_conv_io)
+        self._bindings.append(binding)
+
+    def unbind(self, reason: Optional[str] = None) -> None:
+        """Removes the binding; ``reason`` marks the layer as not compensable (with a warning)."""
+        for binding in self._bindings:
+            if binding.hook is not None:
+                binding.hook.remove()
+        self._bindings.clear()
+        self._captured = None
+        self._unbound_reason = reason
+
+    def _capture_conv_io(self, conv: nn.Module, args: tuple, output: Tensor) -> None:
+        if self.training:
+            self._captured = (args[0], weakref.ref(output))
+
+    # ------------------------------------------------------------------ state
+    def reset_running_stats(self) -> None:
+        """Resets the running statistics and clears the window."""
+        super().reset_running_stats()
+        if hasattr(self, '_window'):
+            self.reset_window()
+
+    def reset_window(self) -> None:
+        """Drops every stored entry (e.g. after a jump in the weights)."""
+        self._window.clear()
+        self._state = None
+
+    def window_stats(self) -> Dict[str, Tensor]:
+        """The window as used in the last training forward, detached, newest entry first.
+
+        Returns:
+            ``mean``/``var`` (``[E, C]``, compensated to the weights of that forward), ``raw_mean``/
+            ``raw_var`` (as recorded), ``valid`` (``[E]``) and ``age`` (iterations back, ``[E]``).
+        """
+        window, state = self._window, self._state
+        if state is None or state.mean.shape[0] == 0:
+            empty = torch.zeros(0, self.num_features)
+            return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty,
+                        valid=torch.zeros(0), age=torch.zeros(0, dtype=torch.long))
+        num = state.mean.shape[0]
+        slots = window.recent(num + (window.pending is not None))
+        slots = [s for s in slots if s != window.pending][:num]
+        idx = torch.tensor(slots, device=window.mean.device)
+        return dict(mean=state.mean.clone(), var=state.var.clone(), raw_mean=window.mean[idx].clone(),
+                    raw_var=window.var[idx].clone(), valid=state.weight.clone(),
+                    age=torch.arange(1, num + 1))
+
+    def window_nbytes(self) -> int:
+        """Bytes held by the window (scratch state, not in the state dict)."""
+        return self._window.nbytes()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self._window.mean is not None:
+            stats_dtype = torch.promote_types(self.running_mean.dtype if self.running_mean is not None
+                                              else torch.float32, torch.float32)
+            if self._window.mean.dtype != stats_dtype:
+                self.reset_window()
+            else:
+                self._window.to_(self.running_mean.device if self.running_mean is not None
+                                 else self.weight.device)
+                self._state = None
+        return self
+
+    def __getstate__(self):
+        # tensors of the current iteration (possibly in an autograd graph) are not state
+        state = self.__dict__.copy()
+        state['_captured'] = None
+        state['_state'] = None
+        return state
+
+    def extra_repr(self) -> str:
+        return (f'{super().extra_repr()}, window_size={self.window_size}, '
+                f'compensation={self.compensation}')
+
+    # ------------------------------------------------------------------ forward
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(f'{type(self).__name__} expects 4D input (N, C, H, W), got shape '
+                             f'{tuple(input.shape)}')
+        if input.shape[1] != self.num_features:
+            raise ValueError(f'{type(self).__name__}({self.num_features}) got input with '
+                             f'{input.shape[1]} channels (shape {tuple(input.shape)})')
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if not self.training or self._effective_window == 1:
+            self._captured = None
+            return super().forward(input)
+        return self._forward_window(input)
+
+    def _display_name(self) -> str:
+        return repr(self.layer_name) if self.layer_name else f'CBN({self.num_features})'
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f'mmcbn: CBN layer {self._display_name()} {message}', stacklevel=3)
+
+    def _conv_input(self, input: Tensor) -> Tuple[bool, Optional[Tensor]]:
+        """Whether this call can be compensated, and the bound conv's input if available."""
+        captured, self._captured = self._captured, None
+        if not self.compensation:
+            return False, None
+        binding = self.binding
+        if binding is None:
+            if self._unbound_reason is not None:
+                self._warn_once('unbound', f'runs the uncompensated window: '
+                                f'{self._unbound_reason}')
+                return False, None
+            binding, reason = binding_from_graph(input)
+            if binding is None:
+                if reason:
+                    self._unbound_reason = reason
+                    self._warn_once('unbound', f'runs the uncompensated window: {reason}')
+                return False, None  # reason '': nothing upstream is trainable, naive is exact
+            self._bindings.append(binding)
+        if binding.module is not None:
+            if captured is not None and captured[1]() is input:
+                return True, captured[0]
+            if captured is not None or input_contradicts_binding(input, binding):
+                self._warn_once('mismatch', f'got an input that is not the output of its bound '
+                                f'conv {binding.name!r}; such calls use the uncompensated window')
+                return False, None
+            return True, conv_input_from_graph(input, binding)
+        if input_contradicts_binding(input, binding):
+            self._warn_once('mismatch', f'got an input that is not the output of the conv it was '
+                            f'bound to ({binding.name}); such calls use the uncompensated window')
+            return False, None
+        return True, conv_input_from_graph(input, binding)
+
+    def _start_iteration(self, compensate_now: bool, stats_dtype, device) -> _IterationState:
+        window = self._window
+        window.commit_pending()
+        slots = window.recent(self._effective_window - 1)
+        if not slots:
+            empty = torch.zeros(0, self.num_features, dtype=stats_dtype, device=device)
+            return _IterationState(self.iteration, empty, empty, empty[:, 0])
+        idx = torch.tensor(slots, device=window.mean.device)
+        mean, var, weight = window.mean[idx], window.var[idx], window.valid[idx]
+        binding = self.binding
+        compensable = [i for i, s in enumerate(slots) if window.compensable[s]]
+        if compensate_now and binding is not None and compensable:
+            with torch.no_grad():
+                sub = torch.tensor(compensable, device=idx.device)
+                comp_slots = idx[sub]
+                mean_hat, var_hat = compensate(mean[sub], var[sub], window.patch_mean[comp_slots],
+                                               window.sqmean_grad[comp_slots], binding.weight,
+                                               binding.bias)
+                mean[sub], var[sub] = mean_hat, var_hat
+        return _IterationState(self.iteration, mean, var, weight)
+
+    def _forward_window(self, input: Tensor) -> Tensor:
+        compensate_now, conv_input = self._conv_input(input)
+        with torch.no_grad():
+            mean, var = output_moments(input)
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        num_positions = input.numel() // input.shape[1]
+
+        state = self._state
+        same_iteration = state is not None and (self.iteration is None
+                                                or state.iteration == self.iteration)
+        recompute = same_iteration and state.seen(mean, var)
+        if not recompute and (self.iteration is None or not same_iteration):
+            state = self._state = self._start_iteration(compensate_now, mean.dtype, mean.device)
+
+        with torch.no_grad():
+            w = state.weight[:, None]
+            count = 1.0 + state.weight.sum()
+            mean_bar = (mean + (w * state.mean).sum(0)) / count
+            var_bar = (var + (mean - mean_bar)**2 +
+                       (w * (state.var + (state.mean - mean_bar)**2)).sum(0)) / count
+            invstd = torch.rsqrt(var_bar + self.eps)
+        if num_positions == 1 and state.mean.shape[0] == 0:
+            raise ValueError(f'Expected more than 1 value per channel when training, got input '
+                             f'size {tuple(input.shape)}')
+        out = _NormalizeWithWindow.apply(input, self.weight, self.bias, mean_bar, invstd,
+                                         count * num_positions)
+        self.last_mean, self.last_var = mean_bar, var_bar
+
+        want_derivatives = (compensate_now and conv_input is not None
+                            and self.binding.trainable)
+        if recompute:
+            window = self._window
+            if want_derivatives and window.pending is not None and \
+                    not window.compensable[window.pending]:
+                window.fill_derivatives(self._derivatives(conv_input, input))
+            return out
+
+        state.calls.append((mean, var))
+        if self._window.capacity > 0:
+            if self._window.pending is None:
+                self._window.open_pending()
+            derivatives = self._derivatives(conv_input, input) if want_derivatives else None
+            self._window.record(mean, var, finite, num_positions, derivatives)
+        if self.track_running_stats:
+            self._update_running_stats(mean, var, num_positions, mean_bar, var_bar,
+                                       count * num_positions, finite)
+        return out
+
+    def _derivatives(self, conv_input: Tensor, output: Tensor) -> Tuple[Tensor, Tensor]:
+        with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+            return moment_derivatives(conv_input.detach(), output.detach(),
+                                      self.binding.geometry)
+
+    @torch.no_grad()
+    def _update_running_stats(self, mean, var, num_positions, mean_bar, var_bar, count, finite):
+        self.num_batches_tracked.add_(1)
+        factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        if self.running_stats_source == 'window':
+            src_mean, src_var, n = mean_bar, var_bar, count
+        else:
+            src_mean, src_var, n = mean, var, torch.full_like(count, float(num_positions))
+        # running_var is unbiased, as in BN: n / (n - 1) with n the number of positions pooled
+        unbiased = src_var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), torch.ones_like(n))
+        new_mean = torch.lerp(self.running_mean, src_mean.to(self.running_mean.dtype), factor)
+        new_var = torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), factor)
+        self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
+        self.running_var.copy_(torch.where(finite, new_var, self.running_var))
+
+
+CBN = CrossIterationBatchNorm2d
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be an int >= {minimum}, got {value!r}')
+    if value < minimum:
+        raise ValueError(f'{name} must be an int >= {minimum}, got {value}')
+
+
+def _check_float(name: str, value, positive: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number, got {value!r}')
+    if positive and not value > 0:
+        raise ValueError(f'{name} must be > 0, got {value}')

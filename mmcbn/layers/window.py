@@ -1,0 +1,144 @@
+"""The ring of one layer's entries from earlier iterations."""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+class MomentWindow:
+    """A fixed-size ring of per-iteration statistics, preallocated on first use.
+
+    Each slot holds one iteration's per-channel ``mean`` and ``var`` (float32 or wider), a ``valid``
+    flag (0 when the batch's statistics were not finite: such an entry is never used) and, for
+    compensable entries, the derivatives from :func:`~mmcbn.layers.conv_moments.moment_derivatives`.
+    The derivative buffers are only allocated for a layer that records a compensable entry.
+
+    At most one slot is *pending*: the current iteration's entry, which becomes part of the window
+    (*committed*) when the next iteration starts. While pending it may be merged with further calls
+    of the layer in the same iteration.
+
+    Args:
+        capacity: number of slots (the window size minus the current batch).
+    """
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.clear()
+
+    def clear(self) -> None:
+        """Drops every entry and frees the storage."""
+        self.mean: Optional[Tensor] = None
+        self.var: Optional[Tensor] = None
+        self.valid: Optional[Tensor] = None
+        self.patch_mean: Optional[Tensor] = None
+        self.sqmean_grad: Optional[Tensor] = None
+        self.num_positions: List[int] = [0] * self.capacity
+        self.num_calls: List[int] = [0] * self.capacity
+        self.compensable: List[bool] = [False] * self.capacity
+        self.committed: List[int] = []  # slot indices, oldest first
+        self.pending: Optional[int] = None
+
+    def __len__(self) -> int:
+        return len(self.committed)
+
+    def recent(self, n: int) -> List[int]:
+        """The slots of the ``n`` most recent committed entries, newest first."""
+        return self.committed[::-1][:max(n, 0)]
+
+    def commit_pending(self) -> None:
+        if self.pending is not None:
+            self.committed.append(self.pending)
+            self.pending = None
+
+    def open_pending(self) -> int:
+        """Reserves the slot for this iteration's entry: a free one, else the oldest entry's."""
+        assert self.pending is None and self.capacity > 0
+        used = set(self.committed)
+        free = [s for s in range(self.capacity) if s not in used]
+        slot = free[0] if free else self.committed.pop(0)
+        self.pending = slot
+        self.num_calls[slot] = 0
+        return slot
+
+    def _allocate(self, num_channels: int, device, dtype) -> None:
+        if self.mean is None or self.mean.shape[1] != num_channels or self.mean.device != device:
+            self.mean = torch.zeros(self.capacity, num_channels, device=device, dtype=dtype)
+            self.var = torch.zeros_like(self.mean)
+            self.valid = torch.zeros(self.capacity, device=device, dtype=dtype)
+
+    def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
+        if self.sqmean_grad is None or self.sqmean_grad.shape[1:] != sqmean_grad.shape:
+            self.patch_mean = patch_mean.new_zeros((self.capacity, ) + tuple(patch_mean.shape))
+            self.sqmean_grad = sqmean_grad.new_zeros((self.capacity, ) + tuple(sqmean_grad.shape))
+
+    def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
+               derivatives: Optional[Tuple[Tensor, Tensor]]) -> None:
+        """Writes one call's statistics into the pending slot, merging with earlier calls in it.
+
+        Merging weights each call by its number of positions, so the slot holds the statistics (and
+        derivatives, which are also means over positions) of all positions seen this iteration.
+        A non-finite call leaves the slot as it was (and an empty slot invalid).
+        """
+        slot = self.pending
+        assert slot is not None
+        self._allocate(mean.shape[0], mean.device, mean.dtype)
+        first = self.num_calls[slot] == 0
+        n_old, n_new = self.num_positions[slot], num_positions
+        if first:
+            new_mean, new_var = mean, var
+            self.valid[slot] = finite.to(self.valid.dtype)
+        else:
+            total = n_old + n_new
+            old_mean, old_var = self.mean[slot], self.var[slot]
+            new_mean = (n_old * old_mean + n_new * mean) / total
+            new_var = (n_old * old_var + n_new * var) / total + \
+                (n_old * n_new / total**2) * (old_mean - mean)**2
+            new_mean = torch.where(finite, new_mean, old_mean)
+            new_var = torch.where(finite, new_var, old_var)
+        self.mean[slot] = torch.where(finite, new_mean, torch.zeros_like(new_mean)) if first \
+            else new_mean
+        self.var[slot] = torch.where(finite, new_var, torch.zeros_like(new_var)) if first \
+            else new_var
+
+        compensable = derivatives is not None and (first or self.compensable[slot])
+        if compensable:
+            patch_mean, sqmean_grad = derivatives
+            self._allocate_derivatives(patch_mean, sqmean_grad)
+            if not first:
+                total = n_old + n_new
+                patch_mean = torch.where(
+                    finite, (n_old * self.patch_mean[slot] + n_new * patch_mean) / total,
+                    self.patch_mean[slot])
+                sqmean_grad = torch.where(
+                    finite, (n_old * self.sqmean_grad[slot] + n_new * sqmean_grad) / total,
+                    self.sqmean_grad[slot])
+            self.patch_mean[slot] = patch_mean
+            self.sqmean_grad[slot] = sqmean_grad
+        self.compensable[slot] = compensable
+        self.num_positions[slot] = n_old + n_new if not first else n_new
+        self.num_calls[slot] += 1
+
+    def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor]) -> None:
+        """Adds derivatives to a pending entry recorded by a single call that could not compute them
+        (e.g. the no-grad first pass of gradient checkpointing, before its recomputation)."""
+        slot = self.pending
+        if slot is None or self.compensable[slot] or self.num_calls[slot] != 1:
+            return
+        patch_mean, sqmean_grad = derivatives
+        self._allocate_derivatives(patch_mean, sqmean_grad)
+        self.patch_mean[slot] = patch_mean
+        self.sqmean_grad[slot] = sqmean_grad
+        self.compensable[slot] = True
+
+    def to_(self, device) -> None:
+        """Moves the storage to ``device`` (the dtype stays float32 or wider)."""
+        for name in ('mean', 'var', 'valid', 'patch_mean', 'sqmean_grad'):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device))
+
+    def nbytes(self) -> int:
+        """Bytes of tensor storage held."""
+        return sum(t.numel() * t.element_size()
+                   for t in (self.mean, self.var, self.valid, self.patch_mean, self.sqmean_grad)
+                   if t is not None)
