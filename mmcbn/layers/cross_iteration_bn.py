@@ -69,6 +69,8 @@ class _IterationState:
     mean: Tensor  # [E, C], entries newest first
     var: Tensor  # [E, C]
     weight: Tensor  # [E], 1 for a usable entry, 0 for one from a non-finite batch
+    raw_mean: Tensor  # [E, C], as recorded
+    raw_var: Tensor
     calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
 
     def seen(self, mean: Tensor, var: Tensor) -> bool:
@@ -238,18 +240,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``mean``/``var`` (``[E, C]``, compensated to the weights of that forward), ``raw_mean``/
             ``raw_var`` (as recorded), ``valid`` (``[E]``) and ``age`` (iterations back, ``[E]``).
         """
-        window, state = self._window, self._state
-        if state is None or state.mean.shape[0] == 0:
+        state = self._state
+        if state is None:
             empty = torch.zeros(0, self.num_features)
             return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty,
                         valid=torch.zeros(0), age=torch.zeros(0, dtype=torch.long))
-        num = state.mean.shape[0]
-        slots = window.recent(num + (window.pending is not None))
-        slots = [s for s in slots if s != window.pending][:num]
-        idx = torch.tensor(slots, device=window.mean.device)
-        return dict(mean=state.mean.clone(), var=state.var.clone(), raw_mean=window.mean[idx].clone(),
-                    raw_var=window.var[idx].clone(), valid=state.weight.clone(),
-                    age=torch.arange(1, num + 1))
+        return dict(mean=state.mean.clone(), var=state.var.clone(), raw_mean=state.raw_mean.clone(),
+                    raw_var=state.raw_var.clone(), valid=state.weight.clone(),
+                    age=torch.arange(1, state.mean.shape[0] + 1))
 
     def window_nbytes(self) -> int:
         """Bytes held by the window (scratch state, not in the state dict)."""
@@ -341,9 +339,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         slots = window.recent(self._effective_window - 1)
         if not slots:
             empty = torch.zeros(0, self.num_features, dtype=stats_dtype, device=device)
-            return _IterationState(self.iteration, empty, empty, empty[:, 0])
+            return _IterationState(self.iteration, empty, empty, empty[:, 0], empty, empty)
         idx = torch.tensor(slots, device=window.mean.device)
         mean, var, weight = window.mean[idx], window.var[idx], window.valid[idx]
+        raw_mean, raw_var = mean.clone(), var.clone()
         binding = self.binding
         compensable = [i for i, s in enumerate(slots) if window.compensable[s]]
         if compensate_now and binding is not None and compensable:
@@ -354,7 +353,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                                window.sqmean_grad[comp_slots], binding.weight,
                                                binding.bias)
                 mean[sub], var[sub] = mean_hat, var_hat
-        return _IterationState(self.iteration, mean, var, weight)
+        usable = weight[:, None] > 0
+        mean = torch.where(usable, mean, torch.zeros_like(mean))
+        var = torch.where(usable, var, torch.zeros_like(var))
+        return _IterationState(self.iteration, mean, var, weight, raw_mean, raw_var)
 
     def _forward_window(self, input: Tensor) -> Tensor:
         compensate_now, conv_input = self._conv_input(input)

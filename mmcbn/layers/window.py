@@ -39,7 +39,8 @@ class MomentWindow:
         self.pending: Optional[int] = None
 
     def __len__(self) -> int:
-        return len(self.committed)
+        """Number of entries held, this iteration's pending one included."""
+        return len(self.committed) + (self.pending is not None)
 
     def recent(self, n: int) -> List[int]:
         """The slots of the ``n`` most recent committed entries, newest first."""
@@ -104,7 +105,10 @@ class MomentWindow:
         if compensable:
             patch_mean, sqmean_grad = derivatives
             self._allocate_derivatives(patch_mean, sqmean_grad)
-            if not first:
+            if first:
+                patch_mean = torch.where(finite, patch_mean, torch.zeros_like(patch_mean))
+                sqmean_grad = torch.where(finite, sqmean_grad, torch.zeros_like(sqmean_grad))
+            else:
                 total = n_old + n_new
                 patch_mean = torch.where(
                     finite, (n_old * self.patch_mean[slot] + n_new * patch_mean) / total,

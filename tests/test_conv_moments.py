@@ -1,0 +1,86 @@
+"""Analytic conv-moment derivatives and compensation against float64 autograd."""
+import pytest
+import torch
+from torch import nn
+
+from mmcbn.layers.conv_moments import ConvGeometry, compensate, moment_derivatives, output_moments
+
+CONV_SHAPES = [
+    # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode
+    (4, 6, 3, 1, 1, 1, 1, True, 'zeros'),
+    (4, 6, 3, 2, 2, 2, 2, False, 'zeros'),
+    (6, 6, 3, 1, 1, 1, 6, True, 'zeros'),  # depthwise
+    (3, 8, 7, 2, 3, 1, 1, False, 'zeros'),  # stem
+    (8, 16, 1, 2, 0, 1, 1, True, 'zeros'),  # strided 1x1 (downsample)
+    (8, 8, (3, 1), (1, 2), (1, 0), 1, 4, False, 'zeros'),
+    (4, 4, 3, 1, 1, 1, 1, True, 'reflect'),
+]
+
+
+def _conv(shape):
+    cin, cout, k, s, p, d, g, bias, mode = shape
+    return nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias, padding_mode=mode).double()
+
+
+@pytest.mark.parametrize('shape', CONV_SHAPES)
+def test_derivatives_match_autograd(shape):
+    torch.manual_seed(0)
+    conv = _conv(shape)
+    x = torch.randn(3, conv.in_channels, 9, 11, dtype=torch.float64) + 0.5
+    y = conv(x)
+    patch_mean, sqmean_grad = moment_derivatives(x, y.detach(), ConvGeometry.of(conv))
+    mean, sqmean = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+    # mean_c and sqmean_c depend only on row c of the weight: row c of d(sum_c m_c)/dW is dm_c/dW_c
+    dmean = torch.autograd.grad(mean.sum(), conv.weight, retain_graph=True)[0]
+    dsqmean = torch.autograd.grad(sqmean.sum(), conv.weight)[0]
+    per_group = conv.out_channels // conv.groups
+    expected_patch = dmean.reshape(conv.groups, per_group, -1)
+    for c in range(per_group):  # the patch mean is shared by the channels of a group
+        torch.testing.assert_close(patch_mean, expected_patch[:, c], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sqmean_grad, dsqmean.reshape(conv.out_channels, -1), rtol=1e-12,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', CONV_SHAPES)
+def test_compensation_is_first_order_taylor_with_clamp(shape):
+    torch.manual_seed(1)
+    conv = _conv(shape)
+    x = torch.randn(2, conv.in_channels, 8, 8, dtype=torch.float64)
+    params = [conv.weight] + ([conv.bias] if conv.bias is not None else [])
+    y = conv(x)
+    mean, sqmean = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
+    grads_mean = torch.autograd.grad(mean.sum(), params, retain_graph=True)
+    grads_sq = torch.autograd.grad(sqmean.sum(), params)
+    patch_mean, sqmean_grad = moment_derivatives(x, y.detach(), ConvGeometry.of(conv))
+    mean0, var0 = output_moments(y.detach())
+    for scale in (1e-3, 0.3, 3.0):  # the large step drives some second moments below mean^2
+        deltas = [torch.randn_like(p) * scale * p.detach().abs().mean() for p in params]
+        new = [p.detach() + d for p, d in zip(params, deltas)]
+        exp_mean, exp_sq = mean.detach().clone(), sqmean.detach().clone()
+        for g_m, g_s, d in zip(grads_mean, grads_sq, deltas):
+            exp_mean += (g_m * d).reshape(len(d), -1).sum(1)
+            exp_sq += (g_s * d).reshape(len(d), -1).sum(1)
+        exp_var = torch.maximum(exp_sq, exp_mean**2) - exp_mean**2
+        got_mean, got_var = compensate(mean0[None], var0[None], patch_mean[None], sqmean_grad[None],
+                                       new[0], new[1] if len(new) > 1 else None)
+        torch.testing.assert_close(got_mean[0], exp_mean, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(got_var[0], exp_var, rtol=1e-9, atol=1e-9)
+        # the mean is exact: it equals the conv's mean at the new weights
+        with torch.no_grad():
+            y_new = nn.functional.conv2d(
+                nn.functional.pad(x, [conv.padding[1]] * 2 + [conv.padding[0]] * 2, 'reflect')
+                if conv.padding_mode == 'reflect' else x, new[0], new[1] if len(new) > 1 else None,
+                conv.stride, 0 if conv.padding_mode == 'reflect' else conv.padding, conv.dilation,
+                conv.groups)
+        torch.testing.assert_close(got_mean[0], y_new.mean((0, 2, 3)), rtol=1e-9, atol=1e-9)
+        assert (got_var >= 0).all()
+
+
+def test_output_moments_float32_for_half_inputs():
+    y = (torch.randn(2, 3, 4, 4) * 3 + 100).to(torch.bfloat16)
+    mean, var = output_moments(y)
+    assert mean.dtype == torch.float32 and var.dtype == torch.float32
+    ref = y.double()
+    torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5,
+                               atol=1e-4)

@@ -1,0 +1,316 @@
+"""CrossIterationBatchNorm2d against independent references: a float64 autograd CBN, nn.BatchNorm2d."""
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from cbn_reference import ReferenceCBN
+from mmcbn import CrossIterationBatchNorm2d
+
+CONV_SHAPES = [
+    # in, out, kernel, stride, padding, dilation, groups, bias
+    (4, 6, 3, 1, 1, 1, 1, True),
+    (6, 6, 3, 2, 2, 2, 6, False),  # depthwise, strided, dilated
+    (4, 8, 1, 1, 0, 1, 2, True),  # grouped 1x1
+    (3, 8, 7, 2, 3, 1, 1, False),  # stem
+]
+
+
+def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05):
+    torch.manual_seed(0)
+    cin, cout, k, s, p, d, g, bias = shape
+    conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
+    cbn = CrossIterationBatchNorm2d(cout, window_size=window_size,
+                                    compensation=compensation).double()
+    nn.init.uniform_(cbn.weight, 0.5, 1.5)
+    nn.init.uniform_(cbn.bias, -0.5, 0.5)
+    if bind:
+        cbn.bind(conv, 'conv')
+    conv_ref = copy.deepcopy(conv)
+    gamma = cbn.weight.detach().clone().requires_grad_()
+    beta = cbn.bias.detach().clone().requires_grad_()
+    ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation)
+    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
+    opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=lr)
+    for step in range(steps):
+        x = torch.randn(2, cin, 9, 10, dtype=torch.float64) + 0.3
+        y = conv(x)
+        target = torch.randn_like(y)
+        out = cbn(y)
+        opt.zero_grad()
+        (out * target).sum().backward()
+        _, out_ref, mean_ref, var_ref = ref.forward(x)
+        opt_ref.zero_grad()
+        (out_ref * target).sum().backward()
+        close = dict(rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(out, out_ref, **close)
+        torch.testing.assert_close(cbn.last_mean, mean_ref, **close)
+        torch.testing.assert_close(cbn.last_var, var_ref, **close)
+        torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, **close)
+        if bias:
+            torch.testing.assert_close(conv.bias.grad, conv_ref.bias.grad, **close)
+        torch.testing.assert_close(cbn.weight.grad, gamma.grad, **close)
+        torch.testing.assert_close(cbn.bias.grad, beta.grad, **close)
+        torch.testing.assert_close(cbn.running_mean, ref.running_mean, **close)
+        torch.testing.assert_close(cbn.running_var, ref.running_var, **close)
+        opt.step()
+        opt_ref.step()
+    return cbn
+
+
+@pytest.mark.parametrize('shape', CONV_SHAPES)
+@pytest.mark.parametrize('window_size', [2, 4])
+@pytest.mark.parametrize('bind', [True, False], ids=['bound', 'lazy'])
+def test_matches_float64_reference(shape, window_size, bind):
+    cbn = _train_against_reference(shape, window_size, True, bind)
+    assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
+    assert cbn.binding is not None
+
+
+@pytest.mark.parametrize('window_size', [2, 4])
+def test_naive_cbn_matches_reference_without_compensation(window_size):
+    cbn = _train_against_reference(CONV_SHAPES[0], window_size, False, True)
+    assert cbn._window.sqmean_grad is None  # naive CBN never computes derivatives
+
+
+def assert_close_to_scale(got, expected, tol):
+    """|got - expected| <= tol * max(1, max|expected|): float32 sums over many terms round at that
+    scale, not at each element's."""
+    scale = max(1.0, expected.abs().max().item())
+    assert (got - expected).abs().max().item() <= tol * scale, (got, expected)
+
+
+def _bn_pair(c=8, **kwargs):
+    torch.manual_seed(0)
+    bn = nn.BatchNorm2d(c)
+    nn.init.uniform_(bn.weight, 0.5, 1.5)
+    nn.init.uniform_(bn.bias, -0.5, 0.5)
+    cbn = CrossIterationBatchNorm2d(c, **kwargs)
+    cbn.load_state_dict(bn.state_dict())
+    return bn, cbn
+
+
+@pytest.mark.parametrize('kwargs', [dict(window_size=1), dict(window_size=4, effective=1),
+                                    dict(window_size=4, fresh_every_step=True),
+                                    dict(window_size=1, momentum=None)])
+def test_window_of_one_equals_batchnorm(kwargs):
+    """k = 1 is BN: outputs, gradients and running statistics, also on the window code path
+    (a CBN whose window is still empty)."""
+    kwargs = dict(kwargs)
+    effective = kwargs.pop('effective', None)
+    fresh = kwargs.pop('fresh_every_step', False)
+    bn, cbn = _bn_pair(**kwargs)
+    bn.momentum = cbn.momentum
+    if effective:
+        cbn.effective_window = effective
+    for _ in range(4):
+        if fresh:
+            cbn.reset_window()
+        x = (torch.randn(2, 8, 6, 7) * 2 + 1).requires_grad_()
+        x2 = x.detach().clone().requires_grad_()
+        target = torch.randn(2, 8, 6, 7)
+        out_bn, out_cbn = bn(x), cbn(x2)
+        (out_bn * target).sum().backward()
+        (out_cbn * target).sum().backward()
+        for got, expected in [(out_cbn, out_bn), (x2.grad, x.grad), (cbn.weight.grad, bn.weight.grad),
+                              (cbn.bias.grad, bn.bias.grad), (cbn.running_mean, bn.running_mean),
+                              (cbn.running_var, bn.running_var)]:
+            assert_close_to_scale(got, expected, 1e-6)
+        assert int(cbn.num_batches_tracked) == int(bn.num_batches_tracked)
+        bn.zero_grad()
+        cbn.zero_grad()
+
+
+def test_eval_is_batchnorm_with_running_stats():
+    bn, cbn = _bn_pair()
+    conv = nn.Conv2d(3, 8, 3)
+    for _ in range(5):  # train so the running stats and window are non-trivial
+        cbn(conv(torch.randn(2, 3, 8, 8))).sum().backward()
+    bn.load_state_dict(cbn.state_dict())
+    bn.eval(), cbn.eval()
+    x = torch.randn(3, 8, 5, 5)
+    torch.testing.assert_close(cbn(x), bn(x), rtol=0, atol=0)
+
+
+def test_state_dict_has_exactly_batchnorm_keys_and_round_trips():
+    bn, cbn = _bn_pair(window_size=4)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn.bind(conv)
+    for _ in range(3):
+        cbn(conv(torch.randn(2, 3, 8, 8)))
+    assert list(cbn.state_dict().keys()) == list(nn.BatchNorm2d(8).state_dict().keys())
+    bn.load_state_dict(cbn.state_dict(), strict=True)
+    fresh = CrossIterationBatchNorm2d(8)
+    fresh.load_state_dict(bn.state_dict(), strict=True)
+    for key, value in bn.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value)
+
+
+def test_frozen_conv_skips_derivatives_and_window_memory_budget():
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    cbn = CrossIterationBatchNorm2d(32, window_size=4)
+    cbn.bind(conv)
+    conv.requires_grad_(False)
+    for _ in range(4):
+        cbn(conv(torch.randn(2, 16, 8, 8)))
+    assert cbn._window.sqmean_grad is None
+    conv.requires_grad_(True)
+    cbn.reset_window()
+    for _ in range(4):
+        cbn(conv(torch.randn(2, 16, 8, 8)))
+    weight_floats = conv.weight.numel()
+    assert cbn.window_nbytes() / 4 <= 1.1 * 3 * weight_floats
+
+
+@pytest.mark.parametrize('bad, match', [
+    (dict(window_size=0), 'window_size'),
+    (dict(window_size=2.5), 'window_size'),
+    (dict(eps=0.0), 'eps'),
+    (dict(eps='a'), 'eps'),
+    (dict(momentum=1.5), 'momentum'),
+    (dict(momentum='x'), 'momentum'),
+    (dict(compensation='yes'), 'compensation'),
+    (dict(affine=1), 'affine'),
+    (dict(track_running_stats=None), 'track_running_stats'),
+    (dict(running_stats_source='ema'), "running_stats_source must be one of \\('window', 'batch'\\)"),
+    (dict(num_features=0), 'num_features'),
+])
+def test_bad_arguments_name_the_argument(bad, match):
+    kwargs = dict(num_features=8)
+    kwargs.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        CrossIterationBatchNorm2d(**kwargs)
+
+
+def test_bad_effective_window_and_input_shape():
+    cbn = CrossIterationBatchNorm2d(8, window_size=4)
+    with pytest.raises(ValueError, match=r'effective_window must be in \[1, window_size=4\]'):
+        cbn.effective_window = 5
+    with pytest.raises(TypeError, match='effective_window'):
+        cbn.effective_window = 2.0
+    with pytest.raises(ValueError, match=r'4D input.*\(2, 8, 5\)'):
+        cbn(torch.randn(2, 8, 5))
+    with pytest.raises(ValueError, match='channels'):
+        cbn(torch.randn(2, 7, 5, 5))
+
+
+def test_bind_rejects_convs_that_are_not_plain():
+
+    class WeightStandardizedConv(nn.Conv2d):
+
+        def forward(self, x):
+            w = (self.weight - self.weight.mean()) / self.weight.std()
+            return self._conv_forward(x, w, self.bias)
+
+    cbn = CrossIterationBatchNorm2d(8)
+    with pytest.raises(TypeError, match='WeightStandardizedConv overrides the conv forward'):
+        cbn.bind(WeightStandardizedConv(3, 8, 3))
+    with pytest.raises(TypeError, match='not an nn.Conv2d'):
+        cbn.bind(nn.Linear(3, 8))
+
+
+def test_input_after_activation_warns_once_and_runs_naive_window():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3)
+    cbn.layer_name = 'neck.norm'
+    naive = CrossIterationBatchNorm2d(8, window_size=3, compensation=False)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(4):
+            h = torch.relu(conv(torch.randn(2, 3, 8, 8)))
+            out, out_naive = cbn(h), naive(h.detach())
+            torch.testing.assert_close(out, out_naive)
+            opt.zero_grad()
+            out.square().sum().backward()
+            opt.step()
+    messages = [str(w.message) for w in caught if 'mmcbn' in str(w.message)]
+    assert len(messages) == 1
+    assert "'neck.norm'" in messages[0] and 'ReluBackward0' in messages[0]
+    assert cbn.unbound_reason is not None and cbn.binding is None
+
+
+def test_non_finite_batch_never_enters_the_window_or_running_stats():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3)
+    cbn.bind(conv)
+    for _ in range(3):
+        cbn(conv(torch.randn(2, 3, 8, 8)))
+    mean_before = cbn._window.mean.clone()
+    running = cbn.running_mean.clone(), cbn.running_var.clone()
+    bad = torch.randn(2, 3, 8, 8)
+    bad[0, 0, 0, 0] = float('inf')
+    out = cbn(conv(bad))
+    assert not torch.isfinite(out).all()
+    # the bad entry is stored as invalid: the next step normalises with finite statistics only
+    assert torch.equal(cbn.running_mean, running[0]) and torch.equal(cbn.running_var, running[1])
+    out = cbn(conv(torch.randn(2, 3, 8, 8)))
+    assert torch.isfinite(out).all() and torch.isfinite(cbn.last_var).all()
+    stats = cbn.window_stats()
+    assert stats['valid'].tolist() == [0.0, 1.0]
+    assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()
+    assert mean_before.shape == cbn._window.mean.shape
+
+
+def test_autocast_bfloat16_keeps_statistics_in_float32():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3)
+    cbn.bind(conv)
+    ref = copy.deepcopy(cbn)
+    conv_ref = copy.deepcopy(conv)
+    ref.bind(conv_ref)
+    for _ in range(3):
+        x = torch.randn(2, 3, 8, 8)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = cbn(conv(x))
+        out_ref = ref(conv_ref(x))
+        assert out.dtype == torch.bfloat16
+        assert cbn.last_mean.dtype == torch.float32 and cbn._window.mean.dtype == torch.float32
+        assert cbn._window.sqmean_grad.dtype == torch.float32
+        out.float().sum().backward()
+        # bf16 has ~3 significant digits; the statistics themselves are float32
+        torch.testing.assert_close(out.float(), out_ref, rtol=0.05, atol=0.05)
+        torch.testing.assert_close(cbn.last_var, ref.last_var, rtol=0.02, atol=0.02)
+
+
+def test_reset_running_stats_clears_the_window():
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3)
+    for _ in range(3):
+        cbn(conv(torch.randn(2, 3, 8, 8)))
+    assert len(cbn._window) == 2
+    cbn.reset_running_stats()
+    assert len(cbn._window) == 0 and cbn._window.mean is None
+    assert torch.equal(cbn.running_mean, torch.zeros(8))
+
+
+def test_shared_layer_in_one_iteration_merges_into_one_entry():
+    """With `iteration` set, calls in one iteration share the window and add one entry: the
+    statistics of all their positions together."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3, compensation=False)
+    cbn.iteration = 0
+    cbn(conv(torch.randn(2, 3, 8, 8)))
+    cbn.iteration = 1
+    a, b = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 4, 4)
+    ya, yb = conv(a), conv(b)
+    cbn(ya)
+    mean_a = cbn.last_mean
+    cbn(yb)
+    assert len(cbn._window) == 2  # iteration 0's entry, and iteration 1's (pending, merged)
+    window_mean = cbn.window_stats()['mean'][0]
+    # each call used its own batch plus the same one-entry window
+    torch.testing.assert_close(mean_a, (ya.mean((0, 2, 3)) + window_mean) / 2)
+    torch.testing.assert_close(cbn.last_mean, (yb.mean((0, 2, 3)) + window_mean) / 2)
+    cbn.iteration = 2
+    cbn(conv(torch.randn(2, 3, 8, 8)))
+    merged = torch.cat([ya.flatten(2), yb.flatten(2)], dim=2).transpose(0, 1).reshape(8, -1)
+    stats = cbn.window_stats()
+    torch.testing.assert_close(stats['raw_mean'][0], merged.mean(1))
+    torch.testing.assert_close(stats['raw_var'][0], merged.var(1, unbiased=False))
