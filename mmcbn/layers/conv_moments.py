@@ -70,12 +70,15 @@ class ConvGeometry:
 def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and (biased) variance of an NCHW tensor, in float32 or wider.
 
-    Two-pass (``var_mean``) rather than ``E[y^2] - E[y]^2``, so the variance keeps its precision when
-    the mean is large.
+    Uses BatchNorm's own statistics kernel (a numerically stable one-pass reduction, several times
+    faster on CPU than ``var_mean`` over dims (0, 2, 3)). Half/bfloat16 input is reduced in float32:
+    the float32 scratch buffers passed in make the kernel accumulate and return float32.
     """
-    y = y if y.dtype in (torch.float32, torch.float64) else y.float()
-    var, mean = torch.var_mean(y, dim=(0, 2, 3), unbiased=False)
-    return mean, var
+    if y.dtype in (torch.float32, torch.float64):
+        return torch.batch_norm_update_stats(y, None, None, 0.0)
+    scratch_mean = torch.zeros(y.shape[1], device=y.device, dtype=torch.float32)
+    scratch_var = torch.ones_like(scratch_mean)
+    return torch.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)
 
 
 def _padded(x: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, Tuple[int, int]]:
@@ -113,8 +116,9 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry) -> Tuple[Te
     num_positions = n * ho * wo
     g = geometry.groups
     _, cin_g, kh, kw = geometry.weight_shape
-    sqmean_grad = _weight_grad(y * (2.0 / num_positions), x, geometry.weight_shape, geometry, g,
-                               padding)
+    # scaling the small result instead of grad_y saves a pass over the output
+    sqmean_grad = _weight_grad(y, x, geometry.weight_shape, geometry, g, padding).mul_(
+        2.0 / num_positions)
     # d mean / d W: the mean patch. Summing x over the batch first makes it a conv with one output
     # channel per group on a single image.
     ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)

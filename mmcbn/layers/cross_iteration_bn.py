@@ -18,48 +18,39 @@ RUNNING_STATS_SOURCES = ('window', 'batch')
 
 
 class _NormalizeWithWindow(torch.autograd.Function):
-    """``out = weight * (x - mean) * invstd + bias`` where ``mean``/``invstd`` come from ``count``
-    positions: the current batch's ``M`` plus the window's.
+    """``out = weight * (x - mean) / sqrt(var + eps) + bias`` with ``mean``/``var`` pooled from the
+    current batch (``M`` positions) and the window, ``k = count / M`` batches in all.
 
-    ``mean`` and ``invstd`` are passed as constants; the gradient through the current batch's share
-    of them is the BN gradient with the batch size replaced by ``count`` (the window entries are
-    constants), which backward applies in closed form::
+    ``mean`` and ``var`` are passed as constants; the gradient through the current batch's share of
+    them is BN's with the batch size ``M`` replaced by ``k * M`` (the window's entries are constants):
 
-        dx = weight * invstd * (dy - sum(dy) / count - xhat * sum(dy * xhat) / count)
+        dx = weight * invstd * (dy - sum(dy) / (kM) - xhat * sum(dy * xhat) / (kM))
+           = BN_backward(dy) / k + (1 - 1/k) * weight * invstd * dy
+
+    so both directions run on torch's fused BatchNorm kernels (eval-mode forward with our statistics,
+    training-mode backward with them as the saved statistics) plus one elementwise pass.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                invstd: Tensor, count: Tensor) -> Tensor:
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        shift = -mean * scale
-        if bias is not None:
-            shift = shift + bias.to(shift.dtype)
-        # statistics are float32 or wider; a half/bfloat16 x is upcast here and the result cast back
-        out = torch.addcmul(shift[None, :, None, None], x.to(scale.dtype), scale[None, :, None, None])
-        ctx.save_for_backward(x, weight, mean, invstd, count)
-        ctx.has_bias = bias is not None
-        return out.to(x.dtype)
+                var: Tensor, inv_k: Optional[Tensor], eps: float) -> Tensor:
+        ctx.eps = eps
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd, count = ctx.saved_tensors
-        dtype = invstd.dtype
-        g = grad_out.to(dtype)
-        xmu = x.to(dtype) - mean[None, :, None, None]
-        sum_g = g.sum((0, 2, 3))
-        sum_g_xmu = (g * xmu).sum((0, 2, 3))
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            scale = invstd if weight is None else invstd * weight.to(dtype)
-            a = (invstd * invstd * sum_g_xmu / count)[None, :, None, None]
-            b = (sum_g / count)[None, :, None, None]
-            grad_x = ((g - b - xmu * a) * scale[None, :, None, None]).to(x.dtype)
-        if weight is not None and ctx.needs_input_grad[1]:
-            grad_weight = (sum_g_xmu * invstd).to(weight.dtype)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = sum_g.to(weight.dtype if weight is not None else dtype)
-        return grad_x, grad_weight, grad_bias, None, None, None
+        x, weight, mean, invstd, inv_k = ctx.saved_tensors
+        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
+            [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+             ctx.needs_input_grad[2]])
+        if grad_x is not None and inv_k is not None:
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
+            grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
+        return grad_x, grad_weight, grad_bias, None, None, None, None
 
 
 @dataclass
@@ -378,12 +369,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             mean_bar = (mean + (w * state.mean).sum(0)) / count
             var_bar = (var + (mean - mean_bar)**2 +
                        (w * (state.var + (state.mean - mean_bar)**2)).sum(0)) / count
-            invstd = torch.rsqrt(var_bar + self.eps)
         if num_positions == 1 and state.mean.shape[0] == 0:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
-        out = _NormalizeWithWindow.apply(input, self.weight, self.bias, mean_bar, invstd,
-                                         count * num_positions)
+        out = _NormalizeWithWindow.apply(input, self.weight, self.bias, mean_bar, var_bar,
+                                         1.0 / count if state.mean.shape[0] else None, self.eps)
         self.last_mean, self.last_var = mean_bar, var_bar
 
         want_derivatives = (compensate_now and conv_input is not None

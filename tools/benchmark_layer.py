@@ -1,0 +1,150 @@
+"""Layer benchmark: conv + norm forward/backward time and window memory, CBN against BN.
+
+Variants, measured side by side (interleaved, median over repeats) on each conv shape:
+  BN              conv + nn.BatchNorm2d
+  CBN k=2/4/8     conv + CrossIterationBatchNorm2d(window_size=k), full window
+  naive CBN k=4   the same without compensation (the paper's ablation)
+  autograd k=4    the authors' approach, re-written here for comparison: two autograd.grad calls per
+                  layer per iteration and dmu/dW, dnu/dW and W stored per entry (3|W|)
+
+Each step runs forward, backward and an SGD update (so the weights move and compensation is real);
+the time of forward + backward is reported as a ratio to BN. Window memory is in floats and as a
+multiple of (k - 1) * |W|.
+
+Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15]
+"""
+import argparse
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from mmcbn import CrossIterationBatchNorm2d
+
+SHAPES = {
+    # name: (C_in, C_out, kernel, stride, padding, input H=W)
+    '1x1 256->1024 @32': (256, 1024, 1, 1, 0, 32),
+    '3x3 256->256 @32': (256, 256, 3, 1, 1, 32),
+    'stem 7x7 3->64 /2 @256': (3, 64, 7, 2, 3, 256),
+}
+
+
+class AutogradStyleCBN(nn.Module):
+    """CBN as the authors' code computes it: derivatives by autograd, old weights stored."""
+
+    def __init__(self, num_features, window_size, eps=1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+        self.window_size, self.eps = window_size, eps
+        self.entries = []  # (mu, nu, dmu/dW, dnu/dW, W)
+
+    def forward(self, y, conv_weight):
+        mu = y.mean((0, 2, 3))
+        nu = (y * y).mean((0, 2, 3))
+        dmu = torch.autograd.grad(mu.sum(), conv_weight, retain_graph=True)[0]
+        dnu = torch.autograd.grad(nu.sum(), conv_weight, retain_graph=True)[0]
+        w_now = conv_weight.detach()
+        mus, nus = [mu], [nu]
+        for mu_o, nu_o, dmu_o, dnu_o, w_o in self.entries:
+            delta = (w_now - w_o).flatten(1)
+            mu_h = mu_o + (dmu_o.flatten(1) * delta).sum(1)
+            nu_h = nu_o + (dnu_o.flatten(1) * delta).sum(1)
+            mus.append(mu_h)
+            nus.append(torch.maximum(nu_h, mu_h * mu_h))
+        mean = torch.stack(mus).mean(0)
+        var = torch.stack(nus).mean(0) - mean * mean
+        self.entries.insert(0, (mu.detach(), nu.detach(), dmu, dnu, w_now.clone()))
+        del self.entries[self.window_size - 1:]
+        out = (y - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        return out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+
+    def window_floats(self):
+        return sum(t.numel() for e in self.entries for t in e)
+
+
+def make_variant(name, shape, device):
+    cin, cout, k, s, p, _ = shape
+    conv = nn.Conv2d(cin, cout, k, s, p, bias=False).to(device)
+    if name == 'BN':
+        norm = nn.BatchNorm2d(cout).to(device)
+        forward = lambda x: norm(conv(x))  # noqa: E731
+        floats = lambda: 0  # noqa: E731
+    elif name.startswith('autograd'):
+        norm = AutogradStyleCBN(cout, int(name.split('=')[1])).to(device)
+        forward = lambda x: norm(conv(x), conv.weight)  # noqa: E731
+        floats = norm.window_floats
+    else:
+        window = int(name.split('=')[1])
+        norm = CrossIterationBatchNorm2d(cout, window_size=window,
+                                         compensation=not name.startswith('naive')).to(device)
+        norm.bind(conv)
+        forward = lambda x: norm(conv(x))  # noqa: E731
+        floats = lambda: norm.window_nbytes() // 4  # noqa: E731
+    params = list(conv.parameters()) + list(norm.parameters())
+    opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
+    return conv, forward, opt, floats
+
+
+def sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def run(args):
+    device = torch.device(args.device)
+    names = ['BN', 'CBN k=2', 'CBN k=4', 'CBN k=8', 'naive CBN k=4', 'autograd k=4']
+    rows = []
+    for shape_name, shape in SHAPES.items():
+        torch.manual_seed(0)
+        cin, _, _, _, _, size = shape
+        x = torch.randn(args.batch, cin, size, size, device=device)
+        variants = {n: make_variant(n, shape, device) for n in names}
+        times = {n: [] for n in names}
+        for rep in range(args.repeats + args.warmup):
+            for n in names:  # interleaved, so drift on a noisy machine hits every variant alike
+                conv, forward, opt, _ = variants[n]
+                sync(device)
+                t0 = time.perf_counter()
+                out = forward(x)
+                out.square().mean().backward()
+                sync(device)
+                elapsed = time.perf_counter() - t0
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if rep >= args.warmup:
+                    times[n].append(elapsed)
+        bn_time = statistics.median(times['BN'])
+        weight_floats = variants['BN'][0].weight.numel()
+        for n in names:
+            med = statistics.median(times[n])
+            floats = variants[n][3]()
+            k = int(n.split('=')[1]) if '=' in n else 1
+            rows.append((shape_name, n, med * 1e3, med / bn_time, floats,
+                         floats / ((k - 1) * weight_floats) if k > 1 else 0.0))
+    print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
+          f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
+          f'batch {args.batch}, median of {args.repeats}')
+    print('| conv | variant | fwd+bwd ms | x BN | window floats | / ((k-1)|W|) |')
+    print('|---|---|---:|---:|---:|---:|')
+    for shape_name, n, ms, ratio, floats, per_w in rows:
+        print(f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | '
+              f'{per_w:.3f} |' if per_w else
+              f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | - |')
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    parser.add_argument('--batch', type=int, default=2)
+    parser.add_argument('--repeats', type=int, default=15)
+    parser.add_argument('--warmup', type=int, default=3)
+    args = parser.parse_args()
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error('--device cuda: no CUDA device is available')
+    run(args)
+
+
+if __name__ == '__main__':
+    main()
