@@ -314,3 +314,19 @@ def test_shared_layer_in_one_iteration_merges_into_one_entry():
     stats = cbn.window_stats()
     torch.testing.assert_close(stats['raw_mean'][0], merged.mean(1))
     torch.testing.assert_close(stats['raw_var'][0], merged.var(1, unbiased=False))
+
+
+def test_same_batch_after_an_optimizer_step_is_a_new_iteration():
+    """Re-feeding one batch (e.g. overfitting a batch) must not look like a checkpoint recompute:
+    the optimizer moved the weights in between."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3)
+    cbn.bind(conv)
+    opt = torch.optim.SGD(conv.parameters(), lr=1e-6)
+    x = torch.randn(2, 3, 8, 8)
+    for _ in range(3):
+        cbn(conv(x)).square().mean().backward()
+        opt.step()
+    assert len(cbn._window) == 2 and all(cbn._window.compensable[s] for s in cbn._window.committed)
+    assert cbn.window_stats()['mean'].shape[0] == 2

@@ -62,6 +62,7 @@ class _IterationState:
     weight: Tensor  # [E], 1 for a usable entry, 0 for one from a non-finite batch
     raw_mean: Tensor  # [E, C], as recorded
     raw_var: Tensor
+    weight_version: Optional[int] = None  # the bound conv weight's version counter
     calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
 
     def seen(self, mean: Tensor, var: Tensor) -> bool:
@@ -357,11 +358,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         num_positions = input.numel() // input.shape[1]
 
         state = self._state
-        same_iteration = state is not None and (self.iteration is None
-                                                or state.iteration == self.iteration)
+        # A recomputation happens before the optimizer step: an in-place update of the bound conv's
+        # weight (its version counter moved) means a new iteration whatever the statistics say.
+        same_iteration = state is not None and (
+            state.iteration == self.iteration if self.iteration is not None else
+            state.weight_version in (None, self._weight_version()))
         recompute = same_iteration and state.seen(mean, var)
         if not recompute and (self.iteration is None or not same_iteration):
             state = self._state = self._start_iteration(compensate_now, mean.dtype, mean.device)
+            state.weight_version = self._weight_version()
 
         with torch.no_grad():
             w = state.weight[:, None]
@@ -395,6 +400,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._update_running_stats(mean, var, num_positions, mean_bar, var_bar,
                                        count * num_positions, finite)
         return out
+
+    def _weight_version(self) -> Optional[int]:
+        binding = self.binding
+        return None if binding is None else binding.weight._version
 
     def _derivatives(self, conv_input: Tensor, output: Tensor) -> Tuple[Tensor, Tensor]:
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
