@@ -23,7 +23,8 @@ from torch import nn
 from mmcbn import CrossIterationBatchNorm2d
 
 SHAPES = {
-    # name: (C_in, C_out, kernel, stride, padding, input H=W)
+    # name: (C_in, C_out, kernel, stride, padding, input H=W); inside a network the conv's input
+    # needs a gradient (3 GEMMs per conv step), the stem's input (the image) does not (2 GEMMs)
     '1x1 256->1024 @32': (256, 1024, 1, 1, 0, 32),
     '3x3 256->256 @32': (256, 256, 3, 1, 1, 32),
     'stem 7x7 3->64 /2 @256': (3, 64, 7, 2, 3, 256),
@@ -99,7 +100,8 @@ def run(args):
     for shape_name, shape in SHAPES.items():
         torch.manual_seed(0)
         cin, _, _, _, _, size = shape
-        x = torch.randn(args.batch, cin, size, size, device=device)
+        x = torch.randn(args.batch, cin, size, size, device=device,
+                        requires_grad=not shape_name.startswith('stem'))
         variants = {n: make_variant(n, shape, device) for n in names}
         times = {n: [] for n in names}
         for rep in range(args.repeats + args.warmup):
@@ -113,6 +115,7 @@ def run(args):
                 elapsed = time.perf_counter() - t0
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+                x.grad = None
                 if rep >= args.warmup:
                     times[n].append(elapsed)
         bn_time = statistics.median(times['BN'])
