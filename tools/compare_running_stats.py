@@ -1,0 +1,128 @@
+"""Which statistics should feed CBN's running mean/var? Measured on a small task at batch 2.
+
+Trains a small conv net from scratch on a synthetic 4-class shape-classification task (generated
+here, seeded) at 2 images per batch with BN, and with CBN (window 4 after a BN burn-in) whose running
+statistics are updated from the window estimate ('window') or from the current batch alone
+('batch'). Reports test accuracy in eval mode with the running statistics, and with statistics
+re-estimated over the training set at the final weights (an upper reference), for several seeds.
+
+Usage: python tools/compare_running_stats.py [--seeds 3] [--iters 2000]
+"""
+import argparse
+import statistics
+
+import numpy as np
+import torch
+from torch import nn
+
+from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
+
+
+def make_shapes(num, size=32, seed=0):
+    """Images of a circle, square, triangle or cross (the label) on a noisy background."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    images = np.empty((num, 3, size, size), np.float32)
+    labels = rng.integers(0, 4, num)
+    for i, label in enumerate(labels):
+        cy, cx = rng.uniform(9, size - 9, 2)
+        r = rng.uniform(4, 8)
+        dy, dx = yy - cy, xx - cx
+        if label == 0:
+            mask = dy**2 + dx**2 <= r**2
+        elif label == 1:
+            mask = (abs(dy) <= r * 0.8) & (abs(dx) <= r * 0.8)
+        elif label == 2:
+            mask = (dy <= r * 0.7) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6)
+        else:
+            mask = ((abs(dy) <= r) & (abs(dx) <= r / 3)) | ((abs(dx) <= r) & (abs(dy) <= r / 3))
+        background = rng.uniform(0, 1, 3)[:, None, None] + rng.normal(0, 0.25, (3, size, size))
+        colour = rng.uniform(0, 1, 3)[:, None, None]
+        images[i] = np.where(mask[None], colour + rng.normal(0, 0.05, (3, size, size)), background)
+    return torch.from_numpy(images), torch.from_numpy(labels)
+
+
+def make_net():
+    def block(cin, cout, stride):
+        return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+    return nn.Sequential(*block(3, 16, 1), *block(16, 32, 2), *block(32, 32, 1), *block(32, 64, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 4))
+
+
+def accuracy(net, images, labels):
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(images[i:i + 256]).argmax(1) for i in range(0, len(images), 256)])
+    net.train()
+    return (pred == labels).float().mean().item()
+
+
+def reestimate(net, images, batch=32, batches=40):
+    """Population statistics at the final weights: cumulative average of plain batch statistics."""
+    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, getattr(m, 'effective_window', None)) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        if isinstance(m, CrossIterationBatchNorm2d):
+            m.effective_window = 1
+    with torch.no_grad():
+        for i in range(batches):
+            net(images[(i * batch) % len(images):][:batch])
+    for m, (momentum, window) in zip(norms, saved):
+        m.momentum = momentum
+        if window is not None:
+            m.effective_window = window
+
+
+def train(variant, seed, data, iters, burn_in):
+    train_x, train_y, test_x, test_y = data
+    torch.manual_seed(seed)
+    net = make_net()
+    if variant != 'BN':
+        net = convert_bn_to_cbn(net, window_size=4, running_stats_source=variant.split()[-1])
+    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(iters * 0.7), int(iters * 0.9)])
+    gen = torch.Generator().manual_seed(seed)
+    cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    for it in range(iters):
+        for m in cbns:
+            m.effective_window = 1 if it < burn_in else 4
+            m.iteration = it
+        idx = torch.randint(0, len(train_x), (2, ), generator=gen)
+        loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    ema = accuracy(net, test_x, test_y)
+    reestimate(net, train_x)
+    return ema, accuracy(net, test_x, test_y)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--seeds', type=int, default=3)
+    parser.add_argument('--iters', type=int, default=2000)
+    parser.add_argument('--burn-in', type=int, default=400)
+    args = parser.parse_args()
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    train_x, train_y = make_shapes(4000, seed=1)
+    test_x, test_y = make_shapes(1000, seed=2)
+    data = (train_x, train_y, test_x, test_y)
+    print(f'{args.iters} iterations at batch 2, CBN window 4 after {args.burn_in} iterations of BN; '
+          f'{args.seeds} seeds; test accuracy (mean +- std over seeds)')
+    print('| variant | running statistics (EMA) | re-estimated at final weights |')
+    print('|---|---:|---:|')
+    for variant in ('BN', 'CBN window', 'CBN batch'):
+        results = [train(variant, seed, data, args.iters, args.burn_in) for seed in range(args.seeds)]
+        cols = []
+        for j in range(2):
+            vals = [r[j] for r in results]
+            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+            cols.append(f'{statistics.mean(vals):.3f} +- {std:.3f}')
+        print(f'| {variant} | {cols[0]} | {cols[1]} |', flush=True)
+
+
+if __name__ == '__main__':
+    main()
