@@ -1,6 +1,6 @@
 """Which statistics should feed CBN's running mean/var? Measured on a small task at batch 2.
 
-Trains a small conv net from scratch on a synthetic 4-class shape-classification task (generated
+Trains a small conv net from scratch on a synthetic 4-class grating-orientation task (generated
 here, seeded) at 2 images per batch with BN, and with CBN (window 4 after a BN burn-in) whose running
 statistics are updated from the window estimate ('window') or from the current batch alone
 ('batch'). Reports test accuracy in eval mode with the running statistics, and with statistics
@@ -18,27 +18,23 @@ from torch import nn
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
 
 
-def make_shapes(num, size=32, seed=0):
-    """Images of a circle, square, triangle or cross (the label) on a noisy background."""
+def make_gratings(num, size=32, seed=0):
+    """Noisy gratings whose orientation (0, 45, 90 or 135 degrees) is the label, with random
+    frequency, phase, brightness, contrast and colour per image, on part of the image."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:size, :size].astype(np.float32)
     images = np.empty((num, 3, size, size), np.float32)
     labels = rng.integers(0, 4, num)
     for i, label in enumerate(labels):
-        cy, cx = rng.uniform(9, size - 9, 2)
-        r = rng.uniform(4, 8)
-        dy, dx = yy - cy, xx - cx
-        if label == 0:
-            mask = dy**2 + dx**2 <= r**2
-        elif label == 1:
-            mask = (abs(dy) <= r * 0.8) & (abs(dx) <= r * 0.8)
-        elif label == 2:
-            mask = (dy <= r * 0.7) & (dy >= -r) & (abs(dx) <= (dy + r) * 0.6)
-        else:
-            mask = ((abs(dy) <= r) & (abs(dx) <= r / 3)) | ((abs(dx) <= r) & (abs(dy) <= r / 3))
-        background = rng.uniform(0, 1, 3)[:, None, None] + rng.normal(0, 0.25, (3, size, size))
-        colour = rng.uniform(0, 1, 3)[:, None, None]
-        images[i] = np.where(mask[None], colour + rng.normal(0, 0.05, (3, size, size)), background)
+        theta = np.pi / 4 * label + rng.normal(0, 0.1)
+        freq = rng.uniform(0.08, 0.2)
+        wave = np.sin(2 * np.pi * freq * (xx * np.cos(theta) + yy * np.sin(theta)) +
+                      rng.uniform(0, 2 * np.pi))
+        cy, cx = rng.uniform(8, size - 8, 2)
+        window = np.exp(-((yy - cy)**2 + (xx - cx)**2) / (2 * rng.uniform(5, 10)**2))
+        colour = rng.uniform(0.2, 1.0, 3)[:, None, None]
+        images[i] = (rng.uniform(-1, 1) + rng.uniform(0.3, 2.0) * colour * wave * window +
+                     rng.normal(0, 0.6, (3, size, size)))
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -107,8 +103,8 @@ def main():
     parser.add_argument('--burn-in', type=int, default=400)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    train_x, train_y = make_shapes(4000, seed=1)
-    test_x, test_y = make_shapes(1000, seed=2)
+    train_x, train_y = make_gratings(4000, seed=1)
+    test_x, test_y = make_gratings(1000, seed=2)
     data = (train_x, train_y, test_x, test_y)
     print(f'{args.iters} iterations at batch 2, CBN window 4 after {args.burn_in} iterations of BN; '
           f'{args.seeds} seeds; test accuracy (mean +- std over seeds)')

@@ -127,7 +127,7 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry) -> Tuple[Te
 
 
 def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
-               bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+               bias: Optional[Tensor], clamp: bool = True) -> Tuple[Tensor, Tensor]:
     """Moves recorded moments to the current conv weights (first-order Taylor, exact for the mean).
 
     Args:
@@ -152,5 +152,5 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
         mean_hat = mean_hat + b
         d_sqmean = d_sqmean + 2.0 * mean * b
     d_mean = mean_hat - mean
-    var_hat = (var + d_sqmean - d_mean * (mean_hat + mean)).clamp_min(0.0)
-    return mean_hat, var_hat
+    var_hat = var + d_sqmean - d_mean * (mean_hat + mean)
+    return mean_hat, var_hat.clamp_min(0.0) if clamp else var_hat

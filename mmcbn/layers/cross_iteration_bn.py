@@ -12,6 +12,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
                       input_contradicts_binding)
 from .conv_moments import compensate, moment_derivatives, output_moments
+from .distributed import all_reduce_sum, is_distributed, pool_moments
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -28,29 +29,57 @@ class _NormalizeWithWindow(torch.autograd.Function):
            = BN_backward(dy) / k + (1 - 1/k) * weight * invstd * dy
 
     so both directions run on torch's fused BatchNorm kernels (eval-mode forward with our statistics,
-    training-mode backward with them as the saved statistics) plus one elementwise pass.
+    training-mode backward with them as the saved statistics) plus one elementwise pass. With a
+    process group (synchronised CBN), ``M`` counts every process's positions and the two sums are
+    all-reduced, as in SyncBatchNorm.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                var: Tensor, inv_k: Optional[Tensor], eps: float) -> Tensor:
-        ctx.eps = eps
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k)
+                var: Tensor, inv_k: Optional[Tensor], eps: float, sync_count: Optional[Tensor],
+                group) -> Tensor:
+        ctx.eps, ctx.group = eps, group
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count)
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd, inv_k = ctx.saved_tensors
-        grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), x, weight, None, None, mean, invstd, True, ctx.eps,
-            [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-             ctx.needs_input_grad[2]])
-        if grad_x is not None and inv_k is not None:
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-            coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
-            grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
-        return grad_x, grad_weight, grad_bias, None, None, None, None
+        x, weight, mean, invstd, inv_k, sync_count = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x = ctx.needs_input_grad[0]
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2]
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        if sync_count is None:
+            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps,
+                [need_x, need_w, need_b])
+            if grad_x is not None and inv_k is not None:
+                coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
+                grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
+            return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+        # synchronised: the eval-mode kernel gives the local sums (grad_bias = sum(dy),
+        # grad_weight = sum(dy * xhat)); the input gradient needs them summed over processes
+        var = invstd.reciprocal().square() - ctx.eps
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            grad_out, x, torch.ones_like(invstd), mean, var, None, None, False, ctx.eps,
+            [False, True, True])
+        grad_weight = sum_dy_xhat.to(weight.dtype) if need_w else None
+        grad_bias = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) \
+            if need_b else None
+        grad_x = None
+        if need_x:
+            sums = all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]).to(invstd.dtype), ctx.group)
+            c = invstd.shape[0]
+            n = sync_count / inv_k if inv_k is not None else sync_count  # k * M over processes
+            a = scale  # dx = a * dy + b * (x - mean) + c0
+            b = -scale * invstd * sums[c:] / n
+            c0 = -scale * sums[:c] / n - b * mean
+            grad_x = torch.addcmul(c0.to(grad_out.dtype)[None, :, None, None], grad_out,
+                                   a.to(grad_out.dtype)[None, :, None, None])
+            grad_x = grad_x.addcmul_(x.to(grad_x.dtype), b.to(grad_x.dtype)[None, :, None, None])
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
 @dataclass
@@ -118,6 +147,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ablation baseline). Default: True.
         running_stats_source: ``'window'`` updates the running statistics from the window estimate,
             ``'batch'`` from the current batch alone (as BN). Default: ``'window'``.
+        sync: synchronised CBN: under torch.distributed, pool the current batch's and every window
+            entry's statistics over the processes of ``process_group`` (as SyncBatchNorm does for
+            the batch; each process still stores only its own entries). Default: False.
+        process_group: the group to synchronise over (default: the world).
     """
     _abbr_ = 'bn'
 
@@ -130,6 +163,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  window_size: int = 4,
                  compensation: bool = True,
                  running_stats_source: str = 'window',
+                 sync: bool = False,
+                 process_group=None,
                  device=None,
                  dtype=None) -> None:
         _check_int('num_features', num_features, 1)
@@ -139,7 +174,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f'momentum must be None or in [0, 1], got {momentum}')
         for name, value in (('affine', affine), ('track_running_stats', track_running_stats),
-                            ('compensation', compensation)):
+                            ('compensation', compensation), ('sync', sync)):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be True or False, got {value!r}')
         _check_int('window_size', window_size, 1)
@@ -150,6 +185,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.window_size = window_size
         self.compensation = compensation
         self.running_stats_source = running_stats_source
+        self.sync = sync
+        self.process_group = process_group
         self._effective_window = window_size
         #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
         self.iteration: Optional[int] = None
@@ -267,7 +304,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
-                f'compensation={self.compensation}')
+                f'compensation={self.compensation}' + (', sync=True' if self.sync else ''))
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -280,10 +317,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or self._effective_window == 1:
+        if not self.training or (self._effective_window == 1 and not self._sync_now()):
             self._captured = None
             return super().forward(input)
         return self._forward_window(input)
+
+    def _sync_now(self) -> bool:
+        return self.sync and self.training and is_distributed(self.process_group)
 
     def _display_name(self) -> str:
         return repr(self.layer_name) if self.layer_name else f'CBN({self.num_features})'
@@ -325,7 +365,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return False, None
         return True, conv_input_from_graph(input, binding)
 
-    def _start_iteration(self, compensate_now: bool, stats_dtype, device) -> _IterationState:
+    def _start_iteration(self, compensate_now: bool, stats_dtype, device,
+                         sync: bool) -> _IterationState:
         window = self._window
         window.commit_pending()
         slots = window.recent(self._effective_window - 1)
@@ -341,21 +382,34 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             with torch.no_grad():
                 sub = torch.tensor(compensable, device=idx.device)
                 comp_slots = idx[sub]
+                # clamped after pooling over processes when synchronised (no-op otherwise)
                 mean_hat, var_hat = compensate(mean[sub], var[sub], window.patch_mean[comp_slots],
                                                window.sqmean_grad[comp_slots], binding.weight,
-                                               binding.bias)
+                                               binding.bias, clamp=False)
                 mean[sub], var[sub] = mean_hat, var_hat
         usable = weight[:, None] > 0
         mean = torch.where(usable, mean, torch.zeros_like(mean))
         var = torch.where(usable, var, torch.zeros_like(var))
-        return _IterationState(self.iteration, mean, var, weight, raw_mean, raw_var)
+        if sync:
+            counts = weight * torch.tensor([float(window.num_positions[s]) for s in slots],
+                                           dtype=weight.dtype, device=weight.device)
+            mean, var, counts = pool_moments(mean, var, counts, self.process_group)
+            weight = (counts > 0).to(weight.dtype)
+        return _IterationState(self.iteration, mean, var.clamp_min(0.0), weight, raw_mean, raw_var)
 
     def _forward_window(self, input: Tensor) -> Tensor:
         compensate_now, conv_input = self._conv_input(input)
-        with torch.no_grad():
-            mean, var = output_moments(input)
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        sync = self._sync_now()
         num_positions = input.numel() // input.shape[1]
+        with torch.no_grad():
+            local_mean, local_var = output_moments(input)
+            if sync:
+                mean, var, total = pool_moments(local_mean, local_var,
+                                                torch.full_like(local_mean[0], num_positions),
+                                                self.process_group)
+            else:
+                mean, var, total = local_mean, local_var, None
+        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
 
         state = self._state
         # A recomputation happens before the optimizer step: an in-place update of the bound conv's
@@ -363,9 +417,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         same_iteration = state is not None and (
             state.iteration == self.iteration if self.iteration is not None else
             state.weight_version in (None, self._weight_version()))
-        recompute = same_iteration and state.seen(mean, var)
+        recompute = same_iteration and state.seen(local_mean, local_var)
         if not recompute and (self.iteration is None or not same_iteration):
-            state = self._state = self._start_iteration(compensate_now, mean.dtype, mean.device)
+            state = self._state = self._start_iteration(compensate_now, mean.dtype, mean.device,
+                                                        sync)
             state.weight_version = self._weight_version()
 
         with torch.no_grad():
@@ -374,11 +429,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             mean_bar = (mean + (w * state.mean).sum(0)) / count
             var_bar = (var + (mean - mean_bar)**2 +
                        (w * (state.var + (state.mean - mean_bar)**2)).sum(0)) / count
-        if num_positions == 1 and state.mean.shape[0] == 0:
+        if num_positions == 1 and state.mean.shape[0] == 0 and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
         out = _NormalizeWithWindow.apply(input, self.weight, self.bias, mean_bar, var_bar,
-                                         1.0 / count if state.mean.shape[0] else None, self.eps)
+                                         1.0 / count if state.mean.shape[0] else None, self.eps,
+                                         total, self.process_group if sync else None)
         self.last_mean, self.last_var = mean_bar, var_bar
 
         want_derivatives = (compensate_now and conv_input is not None
@@ -390,15 +446,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 window.fill_derivatives(self._derivatives(conv_input, input))
             return out
 
-        state.calls.append((mean, var))
+        state.calls.append((local_mean, local_var))
         if self._window.capacity > 0:
             if self._window.pending is None:
                 self._window.open_pending()
             derivatives = self._derivatives(conv_input, input) if want_derivatives else None
-            self._window.record(mean, var, finite, num_positions, derivatives)
+            self._window.record(local_mean, local_var, finite, num_positions, derivatives)
         if self.track_running_stats:
-            self._update_running_stats(mean, var, num_positions, mean_bar, var_bar,
-                                       count * num_positions, finite)
+            batch_count = total if sync else torch.full_like(count, float(num_positions))
+            self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
+                                       count * batch_count, finite)
         return out
 
     def _weight_version(self) -> Optional[int]:
@@ -411,13 +468,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                       self.binding.geometry)
 
     @torch.no_grad()
-    def _update_running_stats(self, mean, var, num_positions, mean_bar, var_bar, count, finite):
+    def _update_running_stats(self, mean, var, batch_count, mean_bar, var_bar, count, finite):
         self.num_batches_tracked.add_(1)
         factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
         if self.running_stats_source == 'window':
             src_mean, src_var, n = mean_bar, var_bar, count
         else:
-            src_mean, src_var, n = mean, var, torch.full_like(count, float(num_positions))
+            src_mean, src_var, n = mean, var, batch_count
         # running_var is unbiased, as in BN: n / (n - 1) with n the number of positions pooled
         unbiased = src_var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), torch.ones_like(n))
         new_mean = torch.lerp(self.running_mean, src_mean.to(self.running_mean.dtype), factor)
