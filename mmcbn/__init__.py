@@ -1,13 +1,19 @@
 """mmcbn: Cross-Iteration Batch Normalization for OpenMMLab.
 
-Importing the package registers ``CBN`` in mmengine's root ``MODELS`` registry.
+Importing the package registers ``CBN`` in mmengine's root ``MODELS`` registry and ``CBNHook`` in its
+root ``HOOKS`` registry, and makes mmengine's ``cfg.sync_bn`` keep CBN layers (synchronised) instead
+of turning them into SyncBatchNorm.
 """
 from .converters import convert_bn_to_cbn, convert_cbn_to_bn
+from .engine import CBNHook
+from .engine.sync_batchnorm import install as _install_sync_bn_support
 from .layers import CBN, CrossIterationBatchNorm2d
 from .layers.model_binding import bind_cbn_layers
 from .version import __version__
 
+_install_sync_bn_support()
+
 __all__ = [
-    '__version__', 'CBN', 'CrossIterationBatchNorm2d', 'bind_cbn_layers', 'convert_bn_to_cbn',
-    'convert_cbn_to_bn'
+    '__version__', 'CBN', 'CBNHook', 'CrossIterationBatchNorm2d', 'bind_cbn_layers',
+    'convert_bn_to_cbn', 'convert_cbn_to_bn'
 ]

@@ -398,6 +398,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return _IterationState(self.iteration, mean, var.clamp_min(0.0), weight, raw_mean, raw_var)
 
     def _forward_window(self, input: Tensor) -> Tensor:
+        if self.iteration is None:
+            _warn_no_iteration_source()
         compensate_now, conv_input = self._conv_input(input)
         sync = self._sync_now()
         num_positions = input.numel() // input.shape[1]
@@ -484,6 +486,19 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
 
 CBN = CrossIterationBatchNorm2d
+
+_no_iteration_warned = False
+
+
+def _warn_no_iteration_source() -> None:
+    global _no_iteration_warned
+    if not _no_iteration_warned:
+        _no_iteration_warned = True
+        warnings.warn(
+            'mmcbn: CBN layers are training without CBNHook: the full window is used from the '
+            'first iteration (no burn-in) and each call counts as an iteration. In mmengine/mmdet '
+            "add custom_hooks=[dict(type='CBNHook', burnin_epochs=...)]; in plain PyTorch set "
+            '`layer.iteration` each step to silence this.', stacklevel=3)
 
 
 def _check_int(name: str, value, minimum: int) -> None:

@@ -1,0 +1,3 @@
+from .hooks import CBNHook
+
+__all__ = ['CBNHook']

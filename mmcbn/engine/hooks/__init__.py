@@ -1,0 +1,3 @@
+from .cbn_hook import CBNHook
+
+__all__ = ['CBNHook']

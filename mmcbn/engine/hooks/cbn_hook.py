@@ -1,0 +1,185 @@
+"""CBNHook: binds CBN layers to their convs and runs the burn-in / window-growth schedule."""
+import re
+from typing import Dict, List, Optional, Sequence, Union
+
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+from torch import nn
+
+from ...layers import CrossIterationBatchNorm2d
+from ...layers.model_binding import bind_cbn_layers
+
+GROWTH_MODES = ('step', 'linear')
+
+
+@HOOKS.register_module()
+class CBNHook(Hook):
+    """Drives the CBN layers of ``runner.model`` through training.
+
+    * Before training, binds every CBN layer to the conv that produces its input and logs a summary
+      (how many layers, how many bound, which are not and why).
+    * Before every training iteration, sets each driven layer's effective window from
+      ``runner.iter`` / ``runner.epoch`` alone: 1 (plain BN) during burn-in, then the target window,
+      at once (``growth='step'``) or growing linearly over ``growth_iters`` iterations. The state is
+      derived, never accumulated, so ``--resume`` continues the schedule exactly; after a resume the
+      window (scratch state, not checkpointed) refills within ``window - 1`` iterations.
+    * Tells the layers which iteration it is, so calls within one iteration (shared heads, gradient
+      checkpointing) are told apart from new iterations.
+    * Logs ``cbn_window`` and ``cbn_burnin`` to the message hub (text log and visualizer backends).
+
+    Args:
+        burnin_epochs: epochs of plain BN before the window is used. Under an iteration-based loop
+            it is converted with the length of the training dataloader.
+        burnin_iters: the same in iterations. Give at most one of the two; neither: no burn-in.
+        window_size: the target window, the current iteration included; None: each layer's own
+            ``window_size``. It must not exceed any driven layer's ``window_size``.
+        growth: ``'step'`` or ``'linear'``.
+        growth_iters: iterations of linear growth from 1 to the target (``growth='linear'``).
+        layers: which CBN layers to drive, as regular expressions matched against the start of the
+            layer names (e.g. ``['neck', 'roi_head']``); None: all.
+    """
+    priority = 'NORMAL'
+
+    def __init__(self,
+                 burnin_epochs: Optional[int] = None,
+                 burnin_iters: Optional[int] = None,
+                 window_size: Optional[int] = None,
+                 growth: str = 'step',
+                 growth_iters: int = 0,
+                 layers: Optional[Union[str, Sequence[str]]] = None) -> None:
+        if burnin_epochs is not None and burnin_iters is not None:
+            raise ValueError('CBNHook takes burnin_epochs or burnin_iters, not both: got '
+                             f'burnin_epochs={burnin_epochs}, burnin_iters={burnin_iters}')
+        for name, value in (('burnin_epochs', burnin_epochs), ('burnin_iters', burnin_iters)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 0):
+                raise ValueError(f'CBNHook {name} must be None or an int >= 0, got {value!r}')
+        if window_size is not None and (isinstance(window_size, bool)
+                                        or not isinstance(window_size, int) or window_size < 1):
+            raise ValueError(f'CBNHook window_size must be None or an int >= 1, got {window_size!r}')
+        if growth not in GROWTH_MODES:
+            raise ValueError(f'CBNHook growth must be one of {GROWTH_MODES}, got {growth!r}')
+        if isinstance(growth_iters, bool) or not isinstance(growth_iters, int) or growth_iters < 0:
+            raise ValueError(f'CBNHook growth_iters must be an int >= 0, got {growth_iters!r}')
+        if growth == 'linear' and growth_iters < 1:
+            raise ValueError("CBNHook growth='linear' needs growth_iters >= 1, got "
+                             f'{growth_iters}')
+        if isinstance(layers, str):
+            layers = [layers]
+        if layers is not None:
+            layers = list(layers)
+            for pattern in layers:
+                try:
+                    re.compile(pattern)
+                except (re.error, TypeError) as e:
+                    raise ValueError(f'CBNHook layers must be regular expressions, got '
+                                     f'{pattern!r}: {e}') from e
+        self.burnin_epochs = burnin_epochs
+        self.burnin_iters = burnin_iters
+        self.window_size = window_size
+        self.growth = growth
+        self.growth_iters = growth_iters
+        self.layers = layers
+        self._driven: Dict[str, CrossIterationBatchNorm2d] = {}
+        self._graph_bound_pending: List[str] = []
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _model(runner) -> nn.Module:
+        model = runner.model
+        return model.module if is_model_wrapper(model) else model
+
+    def _select(self, model: nn.Module) -> Dict[str, CrossIterationBatchNorm2d]:
+        found = {name: m for name, m in model.named_modules()
+                 if isinstance(m, CrossIterationBatchNorm2d)}
+        if self.layers is None:
+            return found
+        return {name: m for name, m in found.items()
+                if any(re.match(p, name) for p in self.layers)}
+
+    def burnin_end_iter(self, runner) -> int:
+        """The first iteration after burn-in."""
+        if self.burnin_iters is not None:
+            return self.burnin_iters
+        if self.burnin_epochs is not None:
+            return self.burnin_epochs * len(runner.train_dataloader)
+        return 0
+
+    def in_burnin(self, runner) -> bool:
+        if self.burnin_epochs is not None and not _is_iter_based(runner):
+            return runner.epoch < self.burnin_epochs
+        return runner.iter < self.burnin_end_iter(runner)
+
+    def window_at(self, runner, target: int) -> int:
+        """The effective window at ``runner.iter`` for a layer whose target window is ``target``."""
+        if self.in_burnin(runner):
+            return 1
+        if self.growth == 'step':
+            return target
+        done = runner.iter - self.burnin_end_iter(runner) + 1
+        return max(1, min(target, 1 + (target - 1) * done // self.growth_iters))
+
+    # ------------------------------------------------------------------ hook points
+    def before_train(self, runner) -> None:
+        model = self._model(runner)
+        self._driven = self._select(model)
+        if not self._driven:
+            runner.logger.warning('CBNHook: the model has no CBN layers'
+                                  + (f' matching {self.layers}' if self.layers else '')
+                                  + '; the hook does nothing.')
+            return
+        for name, layer in self._driven.items():
+            if self.window_size is not None and self.window_size > layer.window_size:
+                raise ValueError(f'CBNHook window_size={self.window_size} exceeds the '
+                                 f'window_size={layer.window_size} of CBN layer {name!r}; raise '
+                                 "the layer's window_size (norm_cfg) or lower the hook's")
+        report = bind_cbn_layers(model)
+        report = {name: report[name] for name in self._driven}
+        bound = {n: conv for n, (conv, _) in report.items() if conv is not None}
+        self._graph_bound_pending = [n for n in report if n not in bound
+                                     and self._driven[n].unbound_reason is None]
+        lines = [f'CBNHook: {len(report)} CBN layers driven, {len(bound)} bound to their conv, '
+                 f'{len(self._graph_bound_pending)} to bind from the autograd graph at the first '
+                 f'step, {len(report) - len(bound) - len(self._graph_bound_pending)} not '
+                 'compensable (uncompensated window).']
+        lines += [f'  not compensable: {n}: {reason}' for n, (conv, reason) in report.items()
+                  if conv is None and n not in self._graph_bound_pending]
+        lines += [f'  from the graph: {n}: {report[n][1]}' for n in self._graph_bound_pending]
+        runner.logger.info('\n'.join(lines))
+
+    def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
+        if not self._driven:
+            return
+        window = 1
+        for layer in self._driven.values():
+            target = self.window_size or layer.window_size
+            layer.effective_window = self.window_at(runner, target)
+            layer.iteration = runner.iter
+            window = max(window, layer.effective_window)
+        runner.message_hub.update_scalar('train/cbn_window', window)
+        runner.message_hub.update_scalar('train/cbn_burnin', int(self.in_burnin(runner)))
+
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        if not self._graph_bound_pending:
+            return
+        lines = []
+        for name in self._graph_bound_pending:
+            layer = self._driven[name]
+            if layer.binding is not None:
+                lines.append(f'  {name}: bound to {layer.binding.name}')
+            elif layer.unbound_reason is not None:
+                lines.append(f'  {name}: not compensable: {layer.unbound_reason}')
+            else:
+                continue  # not trained with the window yet (burn-in, or a frozen producer)
+        if lines:
+            runner.logger.info('CBNHook: binding from the autograd graph:\n' + '\n'.join(lines))
+            self._graph_bound_pending = [
+                n for n in self._graph_bound_pending
+                if self._driven[n].binding is None and self._driven[n].unbound_reason is None
+            ]
+
+
+def _is_iter_based(runner) -> bool:
+    from mmengine.runner import IterBasedTrainLoop
+    return isinstance(runner.train_loop, IterBasedTrainLoop)
