@@ -71,13 +71,13 @@ def reestimate(net, images, batch=32, batches=40):
             m.effective_window = window
 
 
-def train(variant, seed, data, iters, burn_in):
+def train(variant, seed, data, iters, burn_in, lr):
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(seed)
     net = make_net()
     if variant != 'BN':
         net = convert_bn_to_cbn(net, window_size=4, running_stats_source=variant.split()[-1])
-    opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=1e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(iters * 0.7), int(iters * 0.9)])
     gen = torch.Generator().manual_seed(seed)
     cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
@@ -101,17 +101,20 @@ def main():
     parser.add_argument('--seeds', type=int, default=3)
     parser.add_argument('--iters', type=int, default=2000)
     parser.add_argument('--burn-in', type=int, default=400)
+    parser.add_argument('--lr', type=float, default=0.005)
     args = parser.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train_x, train_y = make_gratings(4000, seed=1)
     test_x, test_y = make_gratings(1000, seed=2)
     data = (train_x, train_y, test_x, test_y)
-    print(f'{args.iters} iterations at batch 2, CBN window 4 after {args.burn_in} iterations of BN; '
+    print(f'{args.iters} iterations at batch 2, SGD lr {args.lr} momentum 0.9, CBN window 4 after '
+          f'{args.burn_in} iterations of BN; '
           f'{args.seeds} seeds; test accuracy (mean +- std over seeds)')
     print('| variant | running statistics (EMA) | re-estimated at final weights |')
     print('|---|---:|---:|')
     for variant in ('BN', 'CBN window', 'CBN batch'):
-        results = [train(variant, seed, data, args.iters, args.burn_in) for seed in range(args.seeds)]
+        results = [train(variant, seed, data, args.iters, args.burn_in, args.lr)
+                   for seed in range(args.seeds)]
         cols = []
         for j in range(2):
             vals = [r[j] for r in results]
