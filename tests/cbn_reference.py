@@ -10,10 +10,12 @@ import torch.nn.functional as F
 
 class ReferenceCBN:
 
-    def __init__(self, conv, gamma, beta, window_size, eps=1e-5, compensation=True, momentum=0.1):
+    def __init__(self, conv, gamma, beta, window_size, eps=1e-5, compensation=True, momentum=0.1,
+                 running_stats_source='batch'):
         self.conv, self.gamma, self.beta = conv, gamma, beta
         self.window_size, self.eps, self.compensation, self.momentum = (window_size, eps,
                                                                         compensation, momentum)
+        self.running_stats_source = running_stats_source
         self.history = []  # newest last
         self.running_mean = torch.zeros(conv.out_channels, dtype=torch.float64)
         self.running_var = torch.ones(conv.out_channels, dtype=torch.float64)
@@ -47,8 +49,12 @@ class ReferenceCBN:
         self.history.append(dict(mu=mu.detach(), nu=nu.detach(),
                                  params=[p.detach().clone() for p in params],
                                  dmu=[g.detach() for g in dmu], dnu=[g.detach() for g in dnu]))
-        n = k * y.numel() // y.shape[1]
+        m = y.numel() // y.shape[1]
+        if self.running_stats_source == 'window':
+            n, src_mean, src_var = k * m, mu_bar.detach(), var_bar.detach()
+        else:
+            n, src_mean, src_var = m, mu.detach(), (nu - mu * mu).detach()
         with torch.no_grad():
-            self.running_mean.lerp_(mu_bar.detach(), self.momentum)
-            self.running_var.lerp_(var_bar.detach() * n / (n - 1), self.momentum)
+            self.running_mean.lerp_(src_mean, self.momentum)
+            self.running_var.lerp_(src_var * n / (n - 1), self.momentum)
         return y, out, mu_bar.detach(), var_bar.detach()

@@ -77,7 +77,11 @@ def _runner(tmp_path, name, hook_cfg, loop, resume=False, load_from=None, **kwar
 def test_schedule_burnin_then_linear_growth(tmp_path):
     hook = dict(type='CBNHook', burnin_iters=3, growth='linear', growth_iters=3)
     runner, rec = _runner(tmp_path, 'lin', hook, dict(type='IterBasedTrainLoop', max_iters=8))
+    infos = []
+    runner.logger.info = infos.append
     runner.train()
+    assert any('CBNHook: 2 CBN layers driven, 2 bound to their conv' in m for m in infos), infos
+    assert any('cbn_window: 4' in m for m in infos)  # LoggerHook prints the message-hub scalar
     # target 4: burn-in at 0-2, then 1 + 3 * done // 3 for done = 1, 2, 3, ...
     assert [rec.windows[i][0] for i in range(8)] == [1, 1, 1, 2, 3, 4, 4, 4]
     assert [rec.windows[i][2] for i in range(8)] == list(range(8))

@@ -18,12 +18,13 @@ CONV_SHAPES = [
 ]
 
 
-def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05):
+def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
+                             running_stats_source='batch'):
     torch.manual_seed(0)
     cin, cout, k, s, p, d, g, bias = shape
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
-    cbn = CrossIterationBatchNorm2d(cout, window_size=window_size,
-                                    compensation=compensation).double()
+    cbn = CrossIterationBatchNorm2d(cout, window_size=window_size, compensation=compensation,
+                                    running_stats_source=running_stats_source).double()
     nn.init.uniform_(cbn.weight, 0.5, 1.5)
     nn.init.uniform_(cbn.bias, -0.5, 0.5)
     if bind:
@@ -31,7 +32,8 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
     conv_ref = copy.deepcopy(conv)
     gamma = cbn.weight.detach().clone().requires_grad_()
     beta = cbn.bias.detach().clone().requires_grad_()
-    ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation)
+    ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation,
+                       running_stats_source=running_stats_source)
     opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
     opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=lr)
     for step in range(steps):
@@ -67,6 +69,11 @@ def test_matches_float64_reference(shape, window_size, bind):
     cbn = _train_against_reference(shape, window_size, True, bind)
     assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
     assert cbn.binding is not None
+
+
+@pytest.mark.parametrize('source', ['window', 'batch'])
+def test_running_statistics_from_either_source_match_reference(source):
+    _train_against_reference(CONV_SHAPES[0], 3, True, True, running_stats_source=source)
 
 
 @pytest.mark.parametrize('window_size', [2, 4])

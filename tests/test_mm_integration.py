@@ -161,3 +161,37 @@ def test_non_reentrant_checkpoint_matches_plain_forward():
         torch.testing.assert_close(conv_b.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
         opt.step(), opt_b.step()
         assert len(cbn_b._window) == len(cbn._window)
+
+
+def test_layers_that_cannot_be_compensated_are_reported():
+    from mmcv.cnn import ConvModule
+    from mmdet.models.backbones.resnet import Bottleneck
+    norm_cfg = dict(type='CBN')
+    model = nn.Module()
+    model.pre_norm = ConvModule(4, 8, 3, norm_cfg=norm_cfg, order=('norm', 'conv', 'act'))
+    model.ws = ConvModule(4, 8, 3, conv_cfg=dict(type='ConvWS'), norm_cfg=norm_cfg)
+    model.dcn_block = Bottleneck(16, 4, norm_cfg=norm_cfg,
+                                 dcn=dict(type='DCN', deform_groups=1, fallback_on_stride=False))
+    report = bind_cbn_layers(model)
+    assert report['pre_norm.bn'][0] is None and 'norm before the conv' in report['pre_norm.bn'][1]
+    assert report['ws.bn'][0] is None and 'ConvWS2d overrides the conv forward' in report['ws.bn'][1]
+    assert report['dcn_block.bn2'][0] is None and 'DeformConv2dPack' in report['dcn_block.bn2'][1]
+    assert report['dcn_block.bn1'] == ('dcn_block.conv1', '')
+    for name in ('pre_norm.bn', 'ws.bn', 'dcn_block.bn2'):
+        assert model.get_submodule(name).unbound_reason == report[name][1]
+
+
+def test_training_without_the_hook_warns_once():
+    import mmcbn.layers.cross_iteration_bn as layer_module
+    import warnings
+    layer_module._no_iteration_warned = False
+    conv = nn.Conv2d(3, 8, 3)
+    layers = [CrossIterationBatchNorm2d(8, window_size=2) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for _ in range(3):
+            for layer in layers:
+                layer(conv(torch.randn(2, 3, 6, 6)))
+    messages = [str(w.message) for w in caught if 'without CBNHook' in str(w.message)]
+    assert len(messages) == 1 and "custom_hooks=[dict(type='CBNHook'" in messages[0]
+    assert layers[0].effective_window == 2  # full window from the first iteration

@@ -145,8 +145,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             Default: 4.
         compensation: compensate earlier entries for the weight change; False gives naive CBN (the
             ablation baseline). Default: True.
-        running_stats_source: ``'window'`` updates the running statistics from the window estimate,
-            ``'batch'`` from the current batch alone (as BN). Default: ``'window'``.
+        running_stats_source: ``'batch'`` updates the running statistics from the current batch
+            alone, as BN does; ``'window'`` from the window estimate. ``'batch'`` measured as good or
+            better at batch 2 (``tools/compare_running_stats.py``, see the README). Default:
+            ``'batch'``.
         sync: synchronised CBN: under torch.distributed, pool the current batch's and every window
             entry's statistics over the processes of ``process_group`` (as SyncBatchNorm does for
             the batch; each process still stores only its own entries). Default: False.
@@ -162,7 +164,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  track_running_stats: bool = True,
                  window_size: int = 4,
                  compensation: bool = True,
-                 running_stats_source: str = 'window',
+                 running_stats_source: str = 'batch',
                  sync: bool = False,
                  process_group=None,
                  device=None,

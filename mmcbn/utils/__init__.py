@@ -1,0 +1,3 @@
+from .data_check import DatasetNotFoundError, check_dataset_files
+
+__all__ = ['DatasetNotFoundError', 'check_dataset_files']
