@@ -61,7 +61,8 @@ def test_compensation_is_first_order_taylor_with_clamp(shape):
             exp_mean += (g_m * d).reshape(len(d), -1).sum(1)
             exp_sq += (g_s * d).reshape(len(d), -1).sum(1)
         exp_var = torch.maximum(exp_sq, exp_mean**2) - exp_mean**2
-        got_mean, got_var = compensate(mean0[None], var0[None], patch_mean[None], sqmean_grad[None],
+        got_mean, got_var = compensate(mean0[None], var0[None], patch_mean[:, None],
+                                       sqmean_grad[:, None],
                                        new[0], new[1] if len(new) > 1 else None)
         torch.testing.assert_close(got_mean[0], exp_mean, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got_var[0], exp_var, rtol=1e-9, atol=1e-9)

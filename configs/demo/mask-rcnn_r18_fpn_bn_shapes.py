@@ -9,7 +9,7 @@ custom_imports = dict(imports=['mmcbn'], allow_failed_imports=False)
 norm_cfg = dict(type='BN', requires_grad=True)
 classes = ('circle', 'square', 'triangle')
 data_root = 'data/demo_shapes/'
-max_iters = 1600
+max_iters = 1100
 
 model = dict(
     backbone=dict(depth=18, norm_cfg=norm_cfg, norm_eval=False, frozen_stages=-1, init_cfg=None),
@@ -18,14 +18,16 @@ model = dict(
         in_channels=128, feat_channels=128,
         anchor_generator=dict(scales=[4, 6], strides=[4, 8, 16, 32])),
     roi_head=dict(
-        bbox_roi_extractor=dict(out_channels=128, featmap_strides=[4, 8, 16, 32]),
+        bbox_roi_extractor=dict(
+            roi_layer=dict(sampling_ratio=2), out_channels=128, featmap_strides=[4, 8, 16, 32]),
         bbox_head=dict(in_channels=128, fc_out_channels=256, num_classes=len(classes)),
-        mask_roi_extractor=dict(out_channels=128, featmap_strides=[4, 8, 16, 32]),
+        mask_roi_extractor=dict(
+            roi_layer=dict(sampling_ratio=2), out_channels=128, featmap_strides=[4, 8, 16, 32]),
         mask_head=dict(num_convs=2, in_channels=128, conv_out_channels=128,
                        num_classes=len(classes))),
     train_cfg=dict(
         rpn_proposal=dict(nms_pre=1000, max_per_img=300),
-        rcnn=dict(sampler=dict(num=128))),
+        rcnn=dict(sampler=dict(num=64))),
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100), rcnn=dict(max_per_img=20)))
 
 backend_args = None

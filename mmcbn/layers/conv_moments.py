@@ -132,23 +132,29 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
 
     Args:
         mean, var: ``[E, C]`` per-entry mean and variance recorded at the old weights.
-        patch_mean: ``[E, groups, K]``; sqmean_grad: ``[E, C, K]`` (see :func:`moment_derivatives`).
+        patch_mean: ``[groups, E, K]``; sqmean_grad: ``[C, E, K]`` (see
+            :func:`moment_derivatives`; entries stacked along dim 1, channel-major, so that both
+            products are batched matrix multiplications over contiguous memory).
         weight: the current conv weight ``[C, C_in // groups, kh, kw]``; bias: ``[C]`` or None.
+        clamp: clamp the variance at 0; False leaves it to the caller (which pools entries across
+            processes first).
 
     Returns:
         The compensated ``mean`` and ``var`` ``[E, C]``, where ``var = max(sqmean, mean^2) - mean^2``:
         the clamp keeps each entry a valid (mean, second moment) pair, so the variance is >= 0.
     """
-    num_entries, groups, k = patch_mean.shape
-    dtype = mean.dtype
-    w = weight.detach().to(dtype).reshape(weight.shape[0], k)
-    mean_hat = torch.einsum('egk,gok->ego', patch_mean, w.reshape(groups, -1, k)).reshape_as(mean)
+    groups, num_entries, k = patch_mean.shape
+    channels = weight.shape[0]
+    w = weight.detach().to(mean.dtype).reshape(channels, k)
+    # [g, E, K] @ [g, K, C/g] -> [g, E, C/g] -> [E, C]
+    mean_hat = torch.bmm(patch_mean, w.reshape(groups, channels // groups, k).transpose(1, 2))
+    mean_hat = mean_hat.transpose(0, 1).reshape(num_entries, channels)
     sqmean_old = var + mean * mean
     # <sqmean_grad, W_t> - 2 * sqmean_old is the change of the second moment (zero when W_t = W_old);
     # written as a delta so var_old keeps its two-pass precision when the change is small.
-    d_sqmean = torch.einsum('eck,ck->ec', sqmean_grad, w) - 2.0 * sqmean_old
+    d_sqmean = torch.bmm(sqmean_grad, w.unsqueeze(-1)).squeeze(-1).t() - 2.0 * sqmean_old
     if bias is not None:
-        b = bias.detach().to(dtype)
+        b = bias.detach().to(mean.dtype)
         mean_hat = mean_hat + b
         d_sqmean = d_sqmean + 2.0 * mean * b
     d_mean = mean_hat - mean

@@ -376,19 +376,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             empty = torch.zeros(0, self.num_features, dtype=stats_dtype, device=device)
             return _IterationState(self.iteration, empty, empty, empty[:, 0], empty, empty)
         idx = torch.tensor(slots, device=window.mean.device)
-        mean, var, weight = window.mean[idx], window.var[idx], window.valid[idx]
-        raw_mean, raw_var = mean.clone(), var.clone()
         binding = self.binding
-        compensable = [i for i, s in enumerate(slots) if window.compensable[s]]
-        if compensate_now and binding is not None and compensable:
+        if compensate_now and binding is not None and any(window.compensable[s] for s in slots):
+            # every slot at once (one batched product over the stored derivatives, no gather);
+            # clamped after pooling over processes when synchronised (no-op otherwise)
             with torch.no_grad():
-                sub = torch.tensor(compensable, device=idx.device)
-                comp_slots = idx[sub]
-                # clamped after pooling over processes when synchronised (no-op otherwise)
-                mean_hat, var_hat = compensate(mean[sub], var[sub], window.patch_mean[comp_slots],
-                                               window.sqmean_grad[comp_slots], binding.weight,
-                                               binding.bias, clamp=False)
-                mean[sub], var[sub] = mean_hat, var_hat
+                mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
+                                               window.sqmean_grad, binding.weight, binding.bias,
+                                               clamp=False)
+                use_hat = window.compensable_mask[:, None] > 0
+                mean = torch.where(use_hat, mean_hat, window.mean)[idx]
+                var = torch.where(use_hat, var_hat, window.var)[idx]
+        else:
+            mean, var = window.mean[idx], window.var[idx]
+        weight = window.valid[idx]
+        raw_mean, raw_var = window.mean[idx], window.var[idx]
         usable = weight[:, None] > 0
         mean = torch.where(usable, mean, torch.zeros_like(mean))
         var = torch.where(usable, var, torch.zeros_like(var))

@@ -8,10 +8,13 @@ from torch import Tensor
 class MomentWindow:
     """A fixed-size ring of per-iteration statistics, preallocated on first use.
 
-    Each slot holds one iteration's per-channel ``mean`` and ``var`` (float32 or wider), a ``valid``
-    flag (0 when the batch's statistics were not finite: such an entry is never used) and, for
-    compensable entries, the derivatives from :func:`~mmcbn.layers.conv_moments.moment_derivatives`.
-    The derivative buffers are only allocated for a layer that records a compensable entry.
+    Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
+    wider), a ``valid`` flag (0 when the batch's statistics were not finite: such an entry is never
+    used) and, for compensable entries (``compensable_mask`` 1), the derivatives from
+    :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major (``patch_mean``
+    ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that compensating every slot
+    is one batched matrix product with no gather. The derivative buffers are only allocated for a
+    layer that records a compensable entry.
 
     At most one slot is *pending*: the current iteration's entry, which becomes part of the window
     (*committed*) when the next iteration starts. While pending it may be merged with further calls
@@ -30,6 +33,7 @@ class MomentWindow:
         self.mean: Optional[Tensor] = None
         self.var: Optional[Tensor] = None
         self.valid: Optional[Tensor] = None
+        self.compensable_mask: Optional[Tensor] = None
         self.patch_mean: Optional[Tensor] = None
         self.sqmean_grad: Optional[Tensor] = None
         self.num_positions: List[int] = [0] * self.capacity
@@ -66,11 +70,14 @@ class MomentWindow:
             self.mean = torch.zeros(self.capacity, num_channels, device=device, dtype=dtype)
             self.var = torch.zeros_like(self.mean)
             self.valid = torch.zeros(self.capacity, device=device, dtype=dtype)
+            self.compensable_mask = torch.zeros_like(self.valid)
 
     def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
-        if self.sqmean_grad is None or self.sqmean_grad.shape[1:] != sqmean_grad.shape:
-            self.patch_mean = patch_mean.new_zeros((self.capacity, ) + tuple(patch_mean.shape))
-            self.sqmean_grad = sqmean_grad.new_zeros((self.capacity, ) + tuple(sqmean_grad.shape))
+        shape = (sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
+        if self.sqmean_grad is None or self.sqmean_grad.shape != shape:
+            self.patch_mean = patch_mean.new_zeros(
+                (patch_mean.shape[0], self.capacity, patch_mean.shape[1]))
+            self.sqmean_grad = sqmean_grad.new_zeros(shape)
 
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
                derivatives: Optional[Tuple[Tensor, Tensor]]) -> None:
@@ -111,14 +118,15 @@ class MomentWindow:
             else:
                 total = n_old + n_new
                 patch_mean = torch.where(
-                    finite, (n_old * self.patch_mean[slot] + n_new * patch_mean) / total,
-                    self.patch_mean[slot])
+                    finite, (n_old * self.patch_mean[:, slot] + n_new * patch_mean) / total,
+                    self.patch_mean[:, slot])
                 sqmean_grad = torch.where(
-                    finite, (n_old * self.sqmean_grad[slot] + n_new * sqmean_grad) / total,
-                    self.sqmean_grad[slot])
-            self.patch_mean[slot] = patch_mean
-            self.sqmean_grad[slot] = sqmean_grad
+                    finite, (n_old * self.sqmean_grad[:, slot] + n_new * sqmean_grad) / total,
+                    self.sqmean_grad[:, slot])
+            self.patch_mean[:, slot] = patch_mean
+            self.sqmean_grad[:, slot] = sqmean_grad
         self.compensable[slot] = compensable
+        self.compensable_mask[slot] = float(compensable)
         self.num_positions[slot] = n_old + n_new if not first else n_new
         self.num_calls[slot] += 1
 
@@ -130,13 +138,14 @@ class MomentWindow:
             return
         patch_mean, sqmean_grad = derivatives
         self._allocate_derivatives(patch_mean, sqmean_grad)
-        self.patch_mean[slot] = patch_mean
-        self.sqmean_grad[slot] = sqmean_grad
+        self.patch_mean[:, slot] = patch_mean
+        self.sqmean_grad[:, slot] = sqmean_grad
         self.compensable[slot] = True
+        self.compensable_mask[slot] = 1.0
 
     def to_(self, device) -> None:
         """Moves the storage to ``device`` (the dtype stays float32 or wider)."""
-        for name in ('mean', 'var', 'valid', 'patch_mean', 'sqmean_grad'):
+        for name in ('mean', 'var', 'valid', 'compensable_mask', 'patch_mean', 'sqmean_grad'):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device))
@@ -144,5 +153,6 @@ class MomentWindow:
     def nbytes(self) -> int:
         """Bytes of tensor storage held."""
         return sum(t.numel() * t.element_size()
-                   for t in (self.mean, self.var, self.valid, self.patch_mean, self.sqmean_grad)
+                   for t in (self.mean, self.var, self.valid, self.compensable_mask,
+                             self.patch_mean, self.sqmean_grad)
                    if t is not None)
