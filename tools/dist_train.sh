@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Distributed training with torchrun, as mmdet's tools/dist_train.sh:
 #   tools/dist_train.sh CONFIG GPUS [train.py args...]
-# NNODES, NODE_RANK, MASTER_ADDR and PORT select a multi-node run.
+# NNODES, NODE_RANK, MASTER_ADDR and PORT select a multi-node run; PYTHON the interpreter.
 CONFIG=$1
 GPUS=$2
 NNODES=${NNODES:-1}
@@ -10,7 +10,7 @@ PORT=${PORT:-29500}
 MASTER_ADDR=${MASTER_ADDR:-"127.0.0.1"}
 
 PYTHONPATH="$(dirname $0)/..":$PYTHONPATH \
-python -m torch.distributed.run \
+${PYTHON:-python} -m torch.distributed.run \
     --nnodes=$NNODES \
     --node_rank=$NODE_RANK \
     --master_addr=$MASTER_ADDR \

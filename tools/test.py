@@ -10,14 +10,14 @@ import sys
 
 os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 
-import torch  # noqa: E402
 from mmengine.config import Config, DictAction  # noqa: E402
 from mmengine.evaluator import DumpResults  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
-from mmcbn.utils import DatasetNotFoundError, check_dataset_files  # noqa: E402
+from mmcbn.utils import (DatasetNotFoundError, check_dataset_files,  # noqa: E402
+                         setup_cpu_distributed)
 
 
 def parse_args(argv=None):
@@ -43,8 +43,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = Config.fromfile(args.config)
     cfg.launcher = args.launcher
-    if args.launcher != 'none' and not torch.cuda.is_available():
-        cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    setup_cpu_distributed(cfg)  # gloo and CPU DDP where there is no GPU
     if args.cfg_options is not None:
         cfg.merge_from_dict(args.cfg_options)
     if args.work_dir is not None:
