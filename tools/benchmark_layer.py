@@ -85,7 +85,7 @@ def make_variant(name, shape, device):
         floats = lambda: norm.window_nbytes() // 4  # noqa: E731
     params = list(conv.parameters()) + list(norm.parameters())
     opt = torch.optim.SGD(params, lr=1e-3, momentum=0.9)
-    return conv, forward, opt, floats
+    return conv, norm, forward, opt, floats
 
 
 def sync(device):
@@ -106,7 +106,8 @@ def run(args):
         times = {n: [] for n in names}
         for rep in range(args.repeats + args.warmup):
             for n in names:  # interleaved, so drift on a noisy machine hits every variant alike
-                conv, forward, opt, _ = variants[n]
+                conv, norm, forward, opt, _ = variants[n]
+                norm.iteration = rep  # what CBNHook does: one iteration per step
                 sync(device)
                 t0 = time.perf_counter()
                 out = forward(x)
@@ -122,7 +123,7 @@ def run(args):
         weight_floats = variants['BN'][0].weight.numel()
         for n in names:
             med = statistics.median(times[n])
-            floats = variants[n][3]()
+            floats = variants[n][4]()
             k = int(n.split('=')[1]) if '=' in n else 1
             rows.append((shape_name, n, med * 1e3, med / bn_time, floats,
                          floats / ((k - 1) * weight_floats) if k > 1 else 0.0))
