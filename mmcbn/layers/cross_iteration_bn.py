@@ -13,6 +13,7 @@ from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_f
                       input_contradicts_binding)
 from .conv_moments import compensate, moment_derivatives, output_moments
 from .distributed import all_reduce_sum, is_distributed, pool_moments
+from ..utils.validation import check_int, check_number
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -169,17 +170,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  process_group=None,
                  device=None,
                  dtype=None) -> None:
-        _check_int('num_features', num_features, 1)
-        _check_float('eps', eps, positive=True)
+        check_int('num_features', num_features, 1)
+        check_number('eps', eps, positive=True)
         if momentum is not None:
-            _check_float('momentum', momentum)
+            check_number('momentum', momentum)
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f'momentum must be None or in [0, 1], got {momentum}')
         for name, value in (('affine', affine), ('track_running_stats', track_running_stats),
                             ('compensation', compensation), ('sync', sync)):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be True or False, got {value!r}')
-        _check_int('window_size', window_size, 1)
+        check_int('window_size', window_size, 1)
         if running_stats_source not in RUNNING_STATS_SOURCES:
             raise ValueError(f'running_stats_source must be one of {RUNNING_STATS_SOURCES}, '
                              f'got {running_stats_source!r}')
@@ -211,7 +212,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     @effective_window.setter
     def effective_window(self, value: int) -> None:
-        _check_int('effective_window', value, 1)
+        check_int('effective_window', value, 1)
         if value > self.window_size:
             raise ValueError(f'effective_window must be in [1, window_size={self.window_size}], '
                              f'got {value}')
@@ -503,17 +504,3 @@ def _warn_no_iteration_source() -> None:
             'first iteration (no burn-in) and each call counts as an iteration. In mmengine/mmdet '
             "add custom_hooks=[dict(type='CBNHook', burnin_epochs=...)]; in plain PyTorch set "
             '`layer.iteration` each step to silence this.', stacklevel=3)
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f'{name} must be an int >= {minimum}, got {value!r}')
-    if value < minimum:
-        raise ValueError(f'{name} must be an int >= {minimum}, got {value}')
-
-
-def _check_float(name: str, value, positive: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f'{name} must be a number, got {value!r}')
-    if positive and not value > 0:
-        raise ValueError(f'{name} must be > 0, got {value}')

@@ -9,6 +9,7 @@ from torch import nn
 
 from ...layers import CrossIterationBatchNorm2d
 from ...layers.model_binding import bind_cbn_layers
+from ...utils.validation import check_int
 
 GROWTH_MODES = ('step', 'linear')
 
@@ -51,17 +52,12 @@ class CBNHook(Hook):
         if burnin_epochs is not None and burnin_iters is not None:
             raise ValueError('CBNHook takes burnin_epochs or burnin_iters, not both: got '
                              f'burnin_epochs={burnin_epochs}, burnin_iters={burnin_iters}')
-        for name, value in (('burnin_epochs', burnin_epochs), ('burnin_iters', burnin_iters)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
-                                      or value < 0):
-                raise ValueError(f'CBNHook {name} must be None or an int >= 0, got {value!r}')
-        if window_size is not None and (isinstance(window_size, bool)
-                                        or not isinstance(window_size, int) or window_size < 1):
-            raise ValueError(f'CBNHook window_size must be None or an int >= 1, got {window_size!r}')
+        check_int('CBNHook burnin_epochs', burnin_epochs, 0, allow_none=True)
+        check_int('CBNHook burnin_iters', burnin_iters, 0, allow_none=True)
+        check_int('CBNHook window_size', window_size, 1, allow_none=True)
         if growth not in GROWTH_MODES:
             raise ValueError(f'CBNHook growth must be one of {GROWTH_MODES}, got {growth!r}')
-        if isinstance(growth_iters, bool) or not isinstance(growth_iters, int) or growth_iters < 0:
-            raise ValueError(f'CBNHook growth_iters must be an int >= 0, got {growth_iters!r}')
+        check_int('CBNHook growth_iters', growth_iters, 0)
         if growth == 'linear' and growth_iters < 1:
             raise ValueError("CBNHook growth='linear' needs growth_iters >= 1, got "
                              f'{growth_iters}')

@@ -1,0 +1,20 @@
+"""Argument checks whose errors name the argument and the allowed values."""
+
+
+def check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    """Raises TypeError/ValueError unless ``value`` is an int >= ``minimum`` (or None if allowed)."""
+    if allow_none and value is None:
+        return
+    allowed = f'{"None or " if allow_none else ""}an int >= {minimum}'
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f'{name} must be {allowed}, got {value!r}')
+    if value < minimum:
+        raise ValueError(f'{name} must be {allowed}, got {value}')
+
+
+def check_number(name: str, value, positive: bool = False) -> None:
+    """Raises TypeError/ValueError unless ``value`` is a real number (> 0 if ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f'{name} must be a number, got {value!r}')
+    if positive and not value > 0:
+        raise ValueError(f'{name} must be > 0, got {value}')
