@@ -12,6 +12,8 @@ CONV_SHAPES = [
     (6, 6, 3, 1, 1, 1, 6, True, 'zeros'),  # depthwise
     (3, 8, 7, 2, 3, 1, 1, False, 'zeros'),  # stem
     (8, 16, 1, 2, 0, 1, 1, True, 'zeros'),  # strided 1x1 (downsample)
+    (8, 16, 1, 1, 0, 1, 4, False, 'zeros'),  # grouped 1x1
+    (8, 8, 1, 3, 1, 1, 1, False, 'zeros'),  # padded, strided 1x1
     (8, 8, (3, 1), (1, 2), (1, 0), 1, 4, False, 'zeros'),
     (4, 4, 3, 1, 1, 1, 1, True, 'reflect'),
 ]

@@ -119,10 +119,14 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry) -> Tuple[Te
     # scaling the small result instead of grad_y saves a pass over the output
     sqmean_grad = _weight_grad(y, x, geometry.weight_shape, geometry, g, padding).mul_(
         2.0 / num_positions)
-    # d mean / d W: the mean patch. Summing x over the batch first makes it a conv with one output
-    # channel per group on a single image.
-    ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)
-    patch_mean = _weight_grad(ones, x.sum(0, keepdim=True), (g, cin_g, kh, kw), geometry, g, padding)
+    # d mean / d W: the mean patch.
+    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):  # a 1x1 patch is a strided pixel
+        sh, sw = geometry.stride
+        patch_mean = x[:, :, ::sh, ::sw][:, :, :ho, :wo].mean((0, 2, 3))
+    else:  # summing x over the batch first makes it a conv with one output channel per group
+        ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)
+        patch_mean = _weight_grad(ones, x.sum(0, keepdim=True), (g, cin_g, kh, kw), geometry, g,
+                                  padding)
     return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
 
 

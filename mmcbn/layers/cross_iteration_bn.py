@@ -416,7 +416,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                                 self.process_group)
             else:
                 mean, var, total = local_mean, local_var, None
-        finite = torch.isfinite(mean).all() & torch.isfinite(var).all()
+        finite = torch.isfinite(torch.cat([mean, var])).all()  # stays on the device: no sync
 
         state = self._state
         # A recomputation happens before the optimizer step: an in-place update of the bound conv's
@@ -460,7 +460,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             derivatives = self._derivatives(conv_input, input) if want_derivatives else None
             self._window.record(local_mean, local_var, finite, num_positions, derivatives)
         if self.track_running_stats:
-            batch_count = total if sync else torch.full_like(count, float(num_positions))
+            batch_count = total if sync else num_positions
             self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
                                        count * batch_count, finite)
         return out
@@ -483,12 +483,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         else:
             src_mean, src_var, n = mean, var, batch_count
         # running_var is unbiased, as in BN: n / (n - 1) with n the number of positions pooled
-        unbiased = src_var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), torch.ones_like(n))
-        new_mean = torch.lerp(self.running_mean, src_mean.to(self.running_mean.dtype), factor)
-        new_var = torch.lerp(self.running_var, unbiased.to(self.running_var.dtype), factor)
-        self.running_mean.copy_(torch.where(finite, new_mean, self.running_mean))
-        self.running_var.copy_(torch.where(finite, new_var, self.running_var))
-
+        if isinstance(n, Tensor):
+            unbiased = src_var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
+        else:
+            unbiased = src_var * (n / (n - 1) if n > 1 else 1.0)
+        # a non-finite batch leaves the running statistics as they are
+        self.running_mean.lerp_(torch.where(finite, src_mean, self.running_mean), factor)
+        self.running_var.lerp_(torch.where(finite, unbiased, self.running_var), factor)
 
 CBN = CrossIterationBatchNorm2d
 

@@ -92,7 +92,7 @@ class MomentWindow:
         self._allocate(mean.shape[0], mean.device, mean.dtype)
         first = self.num_calls[slot] == 0
         n_old, n_new = self.num_positions[slot], num_positions
-        if first:
+        if first:  # a non-finite entry is stored as it is, marked invalid, and never used
             new_mean, new_var = mean, var
             self.valid[slot] = finite.to(self.valid.dtype)
         else:
@@ -103,19 +103,14 @@ class MomentWindow:
                 (n_old * n_new / total**2) * (old_mean - mean)**2
             new_mean = torch.where(finite, new_mean, old_mean)
             new_var = torch.where(finite, new_var, old_var)
-        self.mean[slot] = torch.where(finite, new_mean, torch.zeros_like(new_mean)) if first \
-            else new_mean
-        self.var[slot] = torch.where(finite, new_var, torch.zeros_like(new_var)) if first \
-            else new_var
+        self.mean[slot] = new_mean
+        self.var[slot] = new_var
 
         compensable = derivatives is not None and (first or self.compensable[slot])
         if compensable:
             patch_mean, sqmean_grad = derivatives
             self._allocate_derivatives(patch_mean, sqmean_grad)
-            if first:
-                patch_mean = torch.where(finite, patch_mean, torch.zeros_like(patch_mean))
-                sqmean_grad = torch.where(finite, sqmean_grad, torch.zeros_like(sqmean_grad))
-            else:
+            if not first:
                 total = n_old + n_new
                 patch_mean = torch.where(
                     finite, (n_old * self.patch_mean[:, slot] + n_new * patch_mean) / total,
