@@ -9,7 +9,7 @@ custom_imports = dict(imports=['mmcbn'], allow_failed_imports=False)
 norm_cfg = dict(type='BN', requires_grad=True)
 classes = ('circle', 'square', 'triangle')
 data_root = 'data/demo_shapes/'
-max_iters = 1100
+max_iters = 1000
 
 model = dict(
     backbone=dict(depth=18, norm_cfg=norm_cfg, norm_eval=False, frozen_stages=-1, init_cfg=None),
@@ -67,12 +67,14 @@ test_evaluator = val_evaluator
 train_cfg = dict(type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 val_cfg = dict(type='ValLoop')
 test_cfg = dict(type='TestLoop')
+# AdamW: from scratch at 2 images per step it learned much faster than SGD here (CBN demo, 1000
+# iterations: bbox mAP 0.256 with AdamW 3e-4 against 0.163 with SGD 0.01; SGD 0.02 diverged with BN)
 optim_wrapper = dict(type='OptimWrapper',
-                     optimizer=dict(type='SGD', lr=0.02, momentum=0.9, weight_decay=0.0001))
+                     optimizer=dict(type='AdamW', lr=0.0003, weight_decay=0.05))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=100),
     dict(type='MultiStepLR', begin=0, end=max_iters, by_epoch=False,
-         milestones=[int(max_iters * 0.75), int(max_iters * 0.9)], gamma=0.1)
+         milestones=[int(max_iters * 0.7), int(max_iters * 0.9)], gamma=0.1)
 ]
 default_hooks = dict(
     logger=dict(type='LoggerHook', interval=50),
