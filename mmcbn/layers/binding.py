@@ -160,7 +160,8 @@ def conv_input_from_graph(output: Tensor, binding: ConvBinding) -> Optional[Tens
         return None
     # Under non-reentrant checkpointing the saved input is packed by a hook: unpacking it here would
     # recompute the region. The entry's derivatives then come from the recomputation.
-    if torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    top_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    if top_hooks is None or top_hooks(False) is not None:
         return None
     return fn._saved_input
 

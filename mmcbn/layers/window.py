@@ -85,7 +85,8 @@ class MomentWindow:
 
         Merging weights each call by its number of positions, so the slot holds the statistics (and
         derivatives, which are also means over positions) of all positions seen this iteration.
-        A non-finite call leaves the slot as it was (and an empty slot invalid).
+        A non-finite first call is stored marked invalid (``valid`` 0, never used); a non-finite
+        later call leaves the slot as it was.
         """
         slot = self.pending
         assert slot is not None
