@@ -5,19 +5,18 @@
 """
 import argparse
 import os
-import os.path as osp
 import sys
 
 os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 
-from mmengine.config import Config, DictAction  # noqa: E402
+from mmengine.config import DictAction  # noqa: E402
 from mmengine.evaluator import DumpResults  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 from mmcbn.utils import (DatasetNotFoundError, check_dataset_files,  # noqa: E402
-                         setup_cpu_distributed)
+                         load_tool_config)
 
 
 def parse_args(argv=None):
@@ -41,15 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    setup_cpu_distributed(cfg)  # gloo and CPU DDP where there is no GPU
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     cfg.load_from = args.checkpoint
     if args.show_dir:
         visualization = cfg.default_hooks.get('visualization')

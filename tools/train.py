@@ -5,7 +5,6 @@
 """
 import argparse
 import os
-import os.path as osp
 import sys
 
 # torch >= 2.6 loads checkpoints with weights_only=True, which mmengine's resume cannot pass
@@ -17,7 +16,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmcbn  # noqa: E402,F401  (registers CBN and CBNHook)
 from mmcbn.utils import (DatasetNotFoundError, check_dataset_files,  # noqa: E402
-                         setup_cpu_distributed)
+                         load_tool_config)
 
 
 def parse_args(argv=None):
@@ -44,15 +43,7 @@ def parse_args(argv=None):
 
 
 def build_cfg(args) -> Config:
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    setup_cpu_distributed(cfg)  # gloo and CPU DDP where there is no GPU
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = load_tool_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     if args.amp:
         optim_wrapper = cfg.optim_wrapper.type
         if optim_wrapper == 'AmpOptimWrapper':

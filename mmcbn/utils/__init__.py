@@ -1,4 +1,7 @@
 from .cpu_distributed import setup_cpu_distributed
 from .data_check import DatasetNotFoundError, check_dataset_files
+from .tool_config import load_tool_config
 
-__all__ = ['DatasetNotFoundError', 'check_dataset_files', 'setup_cpu_distributed']
+__all__ = [
+    'DatasetNotFoundError', 'check_dataset_files', 'load_tool_config', 'setup_cpu_distributed'
+]
