@@ -16,7 +16,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 from mmcbn.utils import (DatasetNotFoundError, check_dataset_files,  # noqa: E402
-                         load_tool_config)
+                         finish_distributed, load_tool_config)
 
 
 def parse_args(argv=None):
@@ -57,6 +57,7 @@ def main(argv=None):
         assert args.out.endswith(('.pkl', '.pickle')), 'The dump file must be a pkl file.'
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
     metrics = runner.test()
+    finish_distributed()
     return metrics
 
 

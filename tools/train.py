@@ -16,7 +16,7 @@ from mmengine.runner import Runner  # noqa: E402
 
 import mmcbn  # noqa: E402,F401  (registers CBN and CBNHook)
 from mmcbn.utils import (DatasetNotFoundError, check_dataset_files,  # noqa: E402
-                         load_tool_config)
+                         finish_distributed, load_tool_config)
 
 
 def parse_args(argv=None):
@@ -79,6 +79,7 @@ def main(argv=None):
         sys.exit(f'error: {e}')
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
+    finish_distributed()
     return runner
 
 

@@ -1,7 +1,8 @@
-from .cpu_distributed import setup_cpu_distributed
+from .cpu_distributed import finish_distributed, setup_cpu_distributed
 from .data_check import DatasetNotFoundError, check_dataset_files
 from .tool_config import load_tool_config
 
 __all__ = [
-    'DatasetNotFoundError', 'check_dataset_files', 'load_tool_config', 'setup_cpu_distributed'
+    'DatasetNotFoundError', 'check_dataset_files', 'finish_distributed', 'load_tool_config',
+    'setup_cpu_distributed'
 ]

@@ -25,3 +25,14 @@ def setup_cpu_distributed(cfg) -> bool:
     wrapper['device_ids'] = None
     cfg.model_wrapper_cfg = wrapper
     return True
+
+
+def finish_distributed() -> None:
+    """Waits for every process and destroys the process group, if one is initialised.
+
+    Without it a gloo process can abort at interpreter exit ("terminate called without an active
+    exception") after a successful run, which torchrun reports as a failure.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
