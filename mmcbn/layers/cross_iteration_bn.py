@@ -354,17 +354,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     self._warn_once('unbound', f'runs the uncompensated window: {reason}')
                 return False, None  # reason '': nothing upstream is trainable, naive is exact
             self._bindings.append(binding)
-        if binding.module is not None:
-            if captured is not None and captured[1]() is input:
+        if binding.module is not None and captured is not None:
+            if captured[1]() is input:
                 return True, captured[0]
-            if captured is not None or input_contradicts_binding(input, binding):
-                self._warn_once('mismatch', f'got an input that is not the output of its bound '
-                                f'conv {binding.name!r}; such calls use the uncompensated window')
-                return False, None
-            return True, conv_input_from_graph(input, binding)
-        if input_contradicts_binding(input, binding):
-            self._warn_once('mismatch', f'got an input that is not the output of the conv it was '
-                            f'bound to ({binding.name}); such calls use the uncompensated window')
+            contradicted = True  # the bound conv ran, but its output is not this input
+        else:
+            contradicted = input_contradicts_binding(input, binding)
+        if contradicted:
+            self._warn_once('mismatch', f'got an input that is not the output of its bound conv '
+                            f'({binding.name}); such calls use the uncompensated window')
             return False, None
         return True, conv_input_from_graph(input, binding)
 
@@ -377,6 +375,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             empty = torch.zeros(0, self.num_features, dtype=stats_dtype, device=device)
             return _IterationState(self.iteration, empty, empty, empty[:, 0], empty, empty)
         idx = torch.tensor(slots, device=window.mean.device)
+        raw_mean, raw_var, weight = window.mean[idx], window.var[idx], window.valid[idx]
+        mean, var = raw_mean, raw_var
         binding = self.binding
         if compensate_now and binding is not None and any(window.compensable[s] for s in slots):
             # every slot at once (one batched product over the stored derivatives, no gather);
@@ -385,13 +385,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
                                                window.sqmean_grad, binding.weight, binding.bias,
                                                clamp=False)
-                use_hat = window.compensable_mask[:, None] > 0
-                mean = torch.where(use_hat, mean_hat, window.mean)[idx]
-                var = torch.where(use_hat, var_hat, window.var)[idx]
-        else:
-            mean, var = window.mean[idx], window.var[idx]
-        weight = window.valid[idx]
-        raw_mean, raw_var = window.mean[idx], window.var[idx]
+                use_hat = window.compensable_mask[idx, None] > 0
+                mean = torch.where(use_hat, mean_hat[idx], raw_mean)
+                var = torch.where(use_hat, var_hat[idx], raw_var)
         usable = weight[:, None] > 0
         mean = torch.where(usable, mean, torch.zeros_like(mean))
         var = torch.where(usable, var, torch.zeros_like(var))

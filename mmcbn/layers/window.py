@@ -92,38 +92,32 @@ class MomentWindow:
         assert slot is not None
         self._allocate(mean.shape[0], mean.device, mean.dtype)
         first = self.num_calls[slot] == 0
-        n_old, n_new = self.num_positions[slot], num_positions
-        if first:  # a non-finite entry is stored as it is, marked invalid, and never used
-            new_mean, new_var = mean, var
-            self.valid[slot] = finite.to(self.valid.dtype)
-        else:
-            total = n_old + n_new
-            old_mean, old_var = self.mean[slot], self.var[slot]
-            new_mean = (n_old * old_mean + n_new * mean) / total
-            new_var = (n_old * old_var + n_new * var) / total + \
-                (n_old * n_new / total**2) * (old_mean - mean)**2
-            new_mean = torch.where(finite, new_mean, old_mean)
-            new_var = torch.where(finite, new_var, old_var)
-        self.mean[slot] = new_mean
-        self.var[slot] = new_var
+        n_old = 0 if first else self.num_positions[slot]
+        total = n_old + num_positions
 
-        compensable = derivatives is not None and (first or self.compensable[slot])
-        if compensable:
+        def merged(old: Tensor, new: Tensor) -> Tensor:
+            """Position-weighted mean with the slot's earlier calls; a non-finite call adds nothing."""
+            return torch.where(finite, (n_old * old + num_positions * new) / total, old)
+
+        if first:  # a non-finite entry is stored as it is, marked invalid, and never used
+            self.valid[slot] = finite.to(self.valid.dtype)
+            self.mean[slot], self.var[slot] = mean, var
+        else:
+            old_mean, old_var = self.mean[slot], self.var[slot]
+            spread = (n_old * num_positions / total**2) * (old_mean - mean)**2
+            self.mean[slot] = merged(old_mean, mean)
+            self.var[slot] = torch.where(finite, merged(old_var, var) + spread, old_var)
+
+        if derivatives is not None and (first or self.compensable[slot]):
             patch_mean, sqmean_grad = derivatives
-            self._allocate_derivatives(patch_mean, sqmean_grad)
             if not first:
-                total = n_old + n_new
-                patch_mean = torch.where(
-                    finite, (n_old * self.patch_mean[:, slot] + n_new * patch_mean) / total,
-                    self.patch_mean[:, slot])
-                sqmean_grad = torch.where(
-                    finite, (n_old * self.sqmean_grad[:, slot] + n_new * sqmean_grad) / total,
-                    self.sqmean_grad[:, slot])
-            self.patch_mean[:, slot] = patch_mean
-            self.sqmean_grad[:, slot] = sqmean_grad
-        self.compensable[slot] = compensable
-        self.compensable_mask[slot] = float(compensable)
-        self.num_positions[slot] = n_old + n_new if not first else n_new
+                patch_mean = merged(self.patch_mean[:, slot], patch_mean)
+                sqmean_grad = merged(self.sqmean_grad[:, slot], sqmean_grad)
+            self._write_derivatives(slot, patch_mean, sqmean_grad)
+        else:
+            self.compensable[slot] = False
+            self.compensable_mask[slot] = 0.0
+        self.num_positions[slot] = total
         self.num_calls[slot] += 1
 
     def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor]) -> None:
@@ -132,7 +126,9 @@ class MomentWindow:
         slot = self.pending
         if slot is None or self.compensable[slot] or self.num_calls[slot] != 1:
             return
-        patch_mean, sqmean_grad = derivatives
+        self._write_derivatives(slot, *derivatives)
+
+    def _write_derivatives(self, slot: int, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
         self._allocate_derivatives(patch_mean, sqmean_grad)
         self.patch_mean[:, slot] = patch_mean
         self.sqmean_grad[:, slot] = sqmean_grad
