@@ -13,6 +13,7 @@ from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_f
                       input_contradicts_binding)
 from .conv_moments import compensate, moment_derivatives, output_moments
 from .distributed import all_reduce_sum, is_distributed, pool_moments
+from .running_drift import RunningDrift
 from ..utils.validation import check_int, check_number
 from .window import MomentWindow
 
@@ -154,6 +155,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             entry's statistics over the processes of ``process_group`` (as SyncBatchNorm does for
             the batch; each process still stores only its own entries). Default: False.
         process_group: the group to synchronise over (default: the world).
+        compensate_running_stats: evaluate the running statistics at the bound conv's current
+            weights (:mod:`~mmcbn.layers.running_drift`): the EMA of the batch means is moved
+            exactly, that of the variances to first order, with the derivatives CBN computes
+            anyway (computed during burn-in too, and for ``window_size=1``). The values are
+            written into ``running_mean``/``running_var`` when the layer is switched to eval and
+            when it is saved, so eval, export and a BN model loading the checkpoint all use them
+            at no cost. Needs ``running_stats_source='batch'``; a layer that cannot be bound keeps
+            the plain EMA. Under DDP each process compensates with its own batches' derivatives.
+            Default (None): True with ``running_stats_source='batch'`` (measured better, see the
+            README), else False.
     """
     _abbr_ = 'bn'
 
@@ -168,6 +179,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  running_stats_source: str = 'batch',
                  sync: bool = False,
                  process_group=None,
+                 compensate_running_stats: Optional[bool] = None,
                  device=None,
                  dtype=None) -> None:
         check_int('num_features', num_features, 1)
@@ -184,12 +196,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if running_stats_source not in RUNNING_STATS_SOURCES:
             raise ValueError(f'running_stats_source must be one of {RUNNING_STATS_SOURCES}, '
                              f'got {running_stats_source!r}')
+        if compensate_running_stats is None:
+            compensate_running_stats = running_stats_source == 'batch'
+        if not isinstance(compensate_running_stats, bool):
+            raise TypeError('compensate_running_stats must be None, True or False, got '
+                            f'{compensate_running_stats!r}')
+        if compensate_running_stats and running_stats_source != 'batch':
+            raise ValueError("compensate_running_stats=True needs running_stats_source='batch' "
+                             f'(got {running_stats_source!r}): the window estimate has no '
+                             'per-batch derivative to compensate with')
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
         self.window_size = window_size
         self.compensation = compensation
         self.running_stats_source = running_stats_source
         self.sync = sync
         self.process_group = process_group
+        self.compensate_running_stats = compensate_running_stats
+        self._drift = RunningDrift()
         self._effective_window = window_size
         #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
         self.iteration: Optional[int] = None
@@ -248,6 +271,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._bindings.clear()
         self._captured = None
         self._unbound_reason = reason
+        if hasattr(self, '_drift'):
+            self._drift.clear()
 
     def _capture_conv_io(self, conv: nn.Module, args: tuple, output: Tensor) -> None:
         if self.training:
@@ -259,6 +284,69 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         super().reset_running_stats()
         if hasattr(self, '_window'):
             self.reset_window()
+        if hasattr(self, '_drift'):
+            self._drift.clear()
+
+    @torch.no_grad()
+    def running_stats_at_current_weights(self) -> Tuple[Tensor, Tensor]:
+        """The running mean and (unbiased) variance evaluated at the bound conv's current weights.
+
+        Equal to ``running_mean``/``running_var`` when nothing is tracked (compensation off, no
+        binding, a frozen conv, or right after an export or a load). The variance is clamped at 0.
+        """
+        if self.running_mean is None:
+            raise RuntimeError(f'{self._display_name()} has no running statistics '
+                               '(track_running_stats=False)')
+        binding = self.binding
+        if self._drift.empty or binding is None:
+            return self.running_mean.clone(), self.running_var.clone()
+        d_mean, d_var = self._drift.delta(binding.weight, binding.bias)
+        return ((self.running_mean + d_mean).to(self.running_mean.dtype),
+                (self.running_var + d_var).clamp_min(0.0).to(self.running_var.dtype))
+
+    @torch.no_grad()
+    def export_running_stats(self) -> None:
+        """Writes :meth:`running_stats_at_current_weights` into ``running_mean``/``running_var``.
+
+        Idempotent: later evaluations at any weights give the same values as before the export.
+        Called on every switch to eval mode and before every save.
+        """
+        if self._drift.empty or self.binding is None or self.running_mean is None:
+            return
+        mean, var = self.running_stats_at_current_weights()
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        self._drift.rebase(self.binding.weight, self.binding.bias)
+
+    @torch.no_grad()
+    def set_running_stats(self, mean: Tensor, var: Tensor) -> None:
+        """Sets the running statistics to values valid at the current weights (e.g. re-estimated
+        over many batches), keeping the tracked derivatives for later weight changes."""
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        binding = self.binding
+        if not self._drift.empty and binding is not None:
+            self._drift.rebase(binding.weight, binding.bias)
+
+    def running_stats_nbytes(self) -> int:
+        """Bytes held for the compensated running statistics (scratch state, not saved)."""
+        return self._drift.nbytes()
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.export_running_stats()
+        return super().train(mode)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self.export_running_stats()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # the loaded statistics are valid at the loaded weights: nothing left to compensate
+        self._drift.clear()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def reset_window(self) -> None:
         """Drops every stored entry (e.g. after a jump in the weights)."""
@@ -296,6 +384,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 self._window.to_(self.running_mean.device if self.running_mean is not None
                                  else self.weight.device)
                 self._state = None
+        if not self._drift.empty:
+            if self.running_mean is not None and self._drift.var_grad.dtype == torch.promote_types(
+                    self.running_mean.dtype, torch.float32):
+                self._drift.to_(self.running_mean.device)
+            else:
+                self._drift.clear()
         return self
 
     def __getstate__(self):
@@ -307,7 +401,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
-                f'compensation={self.compensation}' + (', sync=True' if self.sync else ''))
+                f'compensation={self.compensation}' + (', sync=True' if self.sync else '') +
+                ('' if self.compensate_running_stats else ', compensate_running_stats=False'))
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -320,10 +415,35 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if not self.training or (self._effective_window == 1 and not self._sync_now()):
+        if self.training and (self._effective_window > 1 or self._sync_now()):
+            return self._forward_window(input)
+        if not (self.training and self._tracks_drift()):
             self._captured = None
             return super().forward(input)
-        return self._forward_window(input)
+        # BN (burn-in, window 1) whose running statistics are compensated
+        usable, conv_input = self._conv_input(input, needed=True)
+        out = super().forward(input)
+        derivatives = self._drift_derivatives(usable, conv_input, input)
+        if derivatives is not None:
+            finite = torch.isfinite(derivatives[0].sum() + derivatives[1].sum())
+            self._drift.update(*derivatives, self.binding.weight, self.binding.bias,
+                               input.numel() // input.shape[1], self._ema_factor(), finite)
+        return out
+
+    def _tracks_drift(self) -> bool:
+        return self.compensate_running_stats and self.running_mean is not None
+
+    def _drift_derivatives(self, usable: bool, conv_input: Optional[Tensor],
+                           output: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+        if usable and conv_input is not None and self.binding.trainable:
+            return self._derivatives(conv_input, output)
+        return None
+
+    def _ema_factor(self) -> float:
+        """The running statistics' weight for the batch just counted in num_batches_tracked."""
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
 
     def _sync_now(self) -> bool:
         return self.sync and self.training and is_distributed(self.process_group)
@@ -336,10 +456,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._warned.add(key)
             warnings.warn(f'mmcbn: CBN layer {self._display_name()} {message}', stacklevel=3)
 
-    def _conv_input(self, input: Tensor) -> Tuple[bool, Optional[Tensor]]:
-        """Whether this call can be compensated, and the bound conv's input if available."""
+    def _conv_input(self, input: Tensor, needed: bool) -> Tuple[bool, Optional[Tensor]]:
+        """Whether this call can be compensated, and the bound conv's input if available.
+
+        ``needed``: whether anything (the window or the running statistics) is to be compensated;
+        False only drops the captured conv input.
+        """
         captured, self._captured = self._captured, None
-        if not self.compensation:
+        if not needed:
             return False, None
         binding = self.binding
         if binding is None:
@@ -401,7 +525,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _forward_window(self, input: Tensor) -> Tensor:
         if self.iteration is None:
             _warn_no_iteration_source()
-        compensate_now, conv_input = self._conv_input(input)
+        tracks_drift = self._tracks_drift()
+        usable, conv_input = self._conv_input(input, self.compensation or tracks_drift)
+        compensate_now = usable and self.compensation
         sync = self._sync_now()
         num_positions = input.numel() // input.shape[1]
         with torch.no_grad():
@@ -450,15 +576,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return out
 
         state.calls.append((local_mean, local_var))
+        derivatives = None
+        if (want_derivatives and self._window.capacity > 0) or tracks_drift:
+            derivatives = self._drift_derivatives(usable, conv_input, input)
         if self._window.capacity > 0:
             if self._window.pending is None:
                 self._window.open_pending()
-            derivatives = self._derivatives(conv_input, input) if want_derivatives else None
-            self._window.record(local_mean, local_var, finite, num_positions, derivatives)
+            self._window.record(local_mean, local_var, finite, num_positions,
+                                derivatives if compensate_now else None)
         if self.track_running_stats:
             batch_count = total if sync else num_positions
             self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
                                        count * batch_count, finite)
+            if tracks_drift and derivatives is not None:
+                self._drift.update(*derivatives, self.binding.weight, self.binding.bias,
+                                   num_positions, self._ema_factor(), finite)
         return out
 
     def _weight_version(self) -> Optional[int]:
