@@ -9,6 +9,7 @@ from torch import nn
 
 from ...layers import CrossIterationBatchNorm2d
 from ...layers.model_binding import bind_cbn_layers
+from ..precise_stats import recompute_running_stats
 from ...utils.validation import check_int
 
 GROWTH_MODES = ('step', 'linear')
@@ -28,6 +29,12 @@ class CBNHook(Hook):
     * Tells the layers which iteration it is, so calls within one iteration (shared heads, gradient
       checkpointing) are told apart from new iterations.
     * Logs ``cbn_window`` and ``cbn_burnin`` to the message hub (text log and visualizer backends).
+    * Optionally (``precise_bn_batches > 0``) re-estimates the running statistics of every training
+      BN-type layer (CBN, BN, SyncBN) at the current weights over that many training batches, before
+      each validation and after the last training iteration (so the last checkpoint holds them),
+      as detectron2's and mmpretrain's PreciseBN hooks do
+      (:func:`~mmcbn.engine.precise_stats.recompute_running_stats`). Under DDP the statistics are
+      summed over the processes. Works for BN models too (the hook then only does this).
 
     Args:
         burnin_epochs: epochs of plain BN before the window is used. Under an iteration-based loop
@@ -39,6 +46,8 @@ class CBNHook(Hook):
         growth_iters: iterations of linear growth from 1 to the target (``growth='linear'``).
         layers: which CBN layers to drive, as regular expressions matched against the start of the
             layer names (e.g. ``['neck', 'roi_head']``); None: all.
+        precise_bn_batches: training batches per re-estimation of the running statistics; 0 (the
+            default) keeps the running statistics the layers maintain.
     """
     priority = 'NORMAL'
 
@@ -48,7 +57,8 @@ class CBNHook(Hook):
                  window_size: Optional[int] = None,
                  growth: str = 'step',
                  growth_iters: int = 0,
-                 layers: Optional[Union[str, Sequence[str]]] = None) -> None:
+                 layers: Optional[Union[str, Sequence[str]]] = None,
+                 precise_bn_batches: int = 0) -> None:
         if burnin_epochs is not None and burnin_iters is not None:
             raise ValueError('CBNHook takes burnin_epochs or burnin_iters, not both: got '
                              f'burnin_epochs={burnin_epochs}, burnin_iters={burnin_iters}')
@@ -58,6 +68,7 @@ class CBNHook(Hook):
         if growth not in GROWTH_MODES:
             raise ValueError(f'CBNHook growth must be one of {GROWTH_MODES}, got {growth!r}')
         check_int('CBNHook growth_iters', growth_iters, 0)
+        check_int('CBNHook precise_bn_batches', precise_bn_batches, 0)
         if growth == 'linear' and growth_iters < 1:
             raise ValueError("CBNHook growth='linear' needs growth_iters >= 1, got "
                              f'{growth_iters}')
@@ -77,6 +88,8 @@ class CBNHook(Hook):
         self.growth = growth
         self.growth_iters = growth_iters
         self.layers = layers
+        self.precise_bn_batches = precise_bn_batches
+        self._stats_stale = False  # trained since the last re-estimation
         self._driven: Dict[str, CrossIterationBatchNorm2d] = {}
         self._graph_bound_pending: List[str] = []
 
@@ -123,7 +136,8 @@ class CBNHook(Hook):
         if not self._driven:
             runner.logger.warning('CBNHook: the model has no CBN layers'
                                   + (f' matching {self.layers}' if self.layers else '')
-                                  + '; the hook does nothing.')
+                                  + ('; the hook only re-estimates running statistics.'
+                                     if self.precise_bn_batches else '; the hook does nothing.'))
             return
         for name, layer in self._driven.items():
             if self.window_size is not None and self.window_size > layer.window_size:
@@ -157,6 +171,34 @@ class CBNHook(Hook):
         runner.message_hub.update_scalar('train/cbn_burnin', int(self.in_burnin(runner)))
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        self._stats_stale = True
+        if self.precise_bn_batches and self.is_last_train_iter(runner):
+            self._recompute_running_stats(runner)  # before CheckpointHook saves the last one
+        self._log_graph_bindings(runner)
+
+    def before_val_epoch(self, runner) -> None:
+        if self.precise_bn_batches and self._stats_stale:
+            self._recompute_running_stats(runner)
+
+    def _recompute_running_stats(self, runner) -> None:
+        model = self._model(runner)
+
+        def forward(module, batch):
+            data = module.data_preprocessor(batch, True)
+            return module(**data, mode='loss') if isinstance(data, dict) else module(*data,
+                                                                                     mode='loss')
+
+        report = recompute_running_stats(model, runner.train_dataloader, forward,
+                                         self.precise_bn_batches)
+        self._stats_stale = False
+        runner.logger.info(
+            f'CBNHook: re-estimated the running statistics of {report.num_layers} layers at the '
+            f'current weights over {report.num_batches} training batches in '
+            f'{report.seconds:.1f} s' + (f'; no input reached {report.not_seen}'
+                                          if report.not_seen else ''))
+        runner.message_hub.update_scalar('train/precise_bn_time', report.seconds)
+
+    def _log_graph_bindings(self, runner) -> None:
         if not self._graph_bound_pending:
             return
         lines = []
