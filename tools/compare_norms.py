@@ -1,0 +1,207 @@
+"""The paper in miniature: the demo detector trained from scratch with BN, GN, naive CBN and CBN.
+
+Trains the demo Mask R-CNN (configs/demo/) on the embedded shapes data with
+
+* BN at 2 and at 8 images per step (the large-batch reference: the same number of epochs, a
+  quarter of the iterations, AdamW's learning rate scaled by sqrt(4)),
+* GN, naive CBN (compensation off) and CBN at 2 images per step,
+
+for each seed, and evaluates bbox/segm mAP on the validation images. Every BN-type model is
+evaluated three ways from the same training run: with the plain running statistics (BN's EMA), with
+the EMA compensated to the final weights (``compensate_running_stats``) and with statistics
+re-estimated over 200 training images at the final weights (precise BN). The BN models are built
+with CBN layers of window 1, which are nn.BatchNorm2d exactly plus the tracked derivatives.
+
+Prints a markdown table (mean +- std over seeds), writes results.json after every run (a rerun
+skips the runs already there) and a bar chart, compare_norms.png, into the work dir.
+
+  python tools/compare_norms.py [--seeds 0 1] [--variants BN-2 CBN-2] [--work-dir DIR]
+"""
+import argparse
+import json
+import os
+import os.path as osp
+import statistics
+import time
+
+os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+
+import torch  # noqa: E402
+from mmengine.config import Config  # noqa: E402
+from mmengine.runner import Runner  # noqa: E402
+from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
+
+import mmcbn  # noqa: E402,F401
+from mmcbn import CrossIterationBatchNorm2d  # noqa: E402
+from mmcbn.datasets import generate_shapes  # noqa: E402
+from mmcbn.engine.precise_stats import recompute_running_stats  # noqa: E402
+
+BN_CONFIG = 'configs/demo/mask-rcnn_r18_fpn_bn_shapes.py'
+GN_CONFIG = 'configs/demo/mask-rcnn_r18_fpn_gn_shapes.py'
+CBN_CONFIG = 'configs/demo/mask-rcnn_r18_fpn_cbn_shapes.py'
+PRECISE_IMAGES = 200
+STATS = ('EMA', 'compensated EMA', 'precise')
+
+
+def _bn_as_window_one(cfg):
+    norm = dict(type='CBN', window_size=1, requires_grad=True)
+    cfg.model.backbone.norm_cfg = norm
+    cfg.model.neck.norm_cfg = norm
+    cfg.custom_hooks = [dict(type='CBNHook')]  # binds the layers (for the tracked derivatives)
+
+
+def _large_batch(cfg, factor=4):
+    max_iters = cfg.train_cfg.max_iters // factor
+    cfg.train_dataloader.batch_size *= factor
+    cfg.train_cfg.max_iters = max_iters
+    cfg.param_scheduler[0].end = max(1, cfg.param_scheduler[0].end // factor)
+    cfg.param_scheduler[1].end = max_iters
+    cfg.param_scheduler[1].milestones = [m // factor for m in cfg.param_scheduler[1].milestones]
+    cfg.optim_wrapper.optimizer.lr *= factor**0.5
+
+
+def _naive(cfg):
+    cfg.model.backbone.norm_cfg.compensation = False
+    cfg.model.neck.norm_cfg.compensation = False
+
+
+VARIANTS = {
+    'BN-2': ('BN, 2 img/step', BN_CONFIG, [_bn_as_window_one]),
+    'BN-8': ('BN, 8 img/step', BN_CONFIG, [_bn_as_window_one, _large_batch]),
+    'GN-2': ('GN, 2 img/step', GN_CONFIG, []),
+    'naive-CBN-2': ('naive CBN, 2 img/step', CBN_CONFIG, [_naive]),
+    'CBN-2': ('CBN, 2 img/step', CBN_CONFIG, []),
+}
+
+
+def _evaluate_three_ways(runner):
+    """mAPs with the plain EMA, the compensated EMA and precise statistics (one training run)."""
+    model = runner.model
+    cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    results = {}
+    for m in cbns:
+        m.compensate_running_stats = False  # eval() exports nothing: the EMA as it is
+    results['EMA'] = runner.val_loop.run()
+    for m in cbns:
+        m.compensate_running_stats = True
+    model.train()
+    results['compensated EMA'] = runner.val_loop.run()  # eval() exports the compensated values
+
+    def forward(module, batch):
+        return module(**module.data_preprocessor(batch, True), mode='loss')
+
+    batches = PRECISE_IMAGES // runner.train_dataloader.batch_size
+    report = recompute_running_stats(model, runner.train_dataloader, forward, batches)
+    print(f'precise statistics: {report.num_layers} layers, {report.num_batches} batches, '
+          f'{report.seconds:.0f} s', flush=True)
+    results['precise'] = runner.val_loop.run()
+    return results
+
+
+def _shorter(cfg, iters):
+    """The same schedule shape over ``iters`` iterations (for a quick check of the tool)."""
+    cfg.train_cfg.max_iters = iters
+    cfg.param_scheduler[0].end = max(1, iters // 10)
+    cfg.param_scheduler[1].end = iters
+    cfg.param_scheduler[1].milestones = [int(iters * 0.7), int(iters * 0.9)]
+
+
+def run_one(key, seed, work_dir, iters=None):
+    _, config, edits = VARIANTS[key]
+    cfg = Config.fromfile(config)
+    if iters:
+        _shorter(cfg, iters)
+    for edit in edits:
+        edit(cfg)
+    cfg.randomness = dict(seed=seed)
+    cfg.work_dir = osp.join(work_dir, f'{key}_seed{seed}')
+    cfg.train_cfg.val_begin = cfg.train_cfg.max_iters + 1  # evaluated below, three ways
+    cfg.default_hooks.checkpoint = None
+    generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
+    start = time.time()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    train_seconds = time.time() - start
+    has_bn = any(isinstance(m, _BatchNorm) for m in runner.model.modules())
+    evals = _evaluate_three_ways(runner) if has_bn else {'EMA': runner.val_loop.run()}
+    return dict(variant=key, seed=seed, train_seconds=round(train_seconds, 1),
+                **{f'{stats}/{metric}': float(values[f'coco/{metric}_mAP'])
+                   for stats, values in evals.items() for metric in ('bbox', 'segm')})
+
+
+def _summary(values):
+    if not values:
+        return '-'
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.3f} +- {std:.3f}'
+
+
+def table(results):
+    lines = ['| variant | seeds | ' + ' | '.join(f'{m} mAP, {s}' for m in ('bbox', 'segm')
+                                                  for s in STATS) + ' | train time (s) |',
+             '|---|---:|' + '---:|' * (2 * len(STATS)) + '---:|']
+    for key, (name, _, _) in VARIANTS.items():
+        rows = [r for r in results if r['variant'] == key]
+        if not rows:
+            continue
+        cells = [_summary([r[f'{s}/{m}'] for r in rows if f'{s}/{m}' in r])
+                 for m in ('bbox', 'segm') for s in STATS]
+        lines.append(f'| {name} | {len(rows)} | ' + ' | '.join(cells) +
+                     f" | {statistics.mean(r['train_seconds'] for r in rows):.0f} |")
+    return '\n'.join(lines)
+
+
+def bar_chart(results, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    keys = [k for k in VARIANTS if any(r['variant'] == k for r in results)]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(STATS)
+    for ax, metric in zip(axes, ('bbox', 'segm')):
+        for j, stats in enumerate(STATS):
+            means, stds = [], []
+            for k in keys:
+                vals = [r[f'{stats}/{metric}'] for r in results
+                        if r['variant'] == k and f'{stats}/{metric}' in r]
+                means.append(statistics.mean(vals) if vals else 0.0)
+                stds.append(statistics.stdev(vals) if len(vals) > 1 else 0.0)
+            ax.bar([i + (j - 1) * width for i in range(len(keys))], means, width, yerr=stds,
+                   label=stats, capsize=3)
+        ax.set_xticks(range(len(keys)), [VARIANTS[k][0] for k in keys], rotation=20, ha='right')
+        ax.set_ylabel(f'{metric} mAP (demo val)')
+        ax.grid(axis='y', alpha=0.3)
+    axes[0].legend(title='eval statistics')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--seeds', type=int, nargs='+', default=[0])
+    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--work-dir', default='work_dirs/compare_norms')
+    parser.add_argument('--iters', type=int, default=None,
+                        help='train this many iterations at 2 images per step instead of the '
+                        "demo's 1000 (a quick check; BN-8 runs a quarter of them)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    os.makedirs(args.work_dir, exist_ok=True)
+    results_file = osp.join(args.work_dir, 'results.json')
+    results = json.load(open(results_file)) if osp.exists(results_file) else []
+    for seed in args.seeds:
+        for key in args.variants:
+            if any(r['variant'] == key and r['seed'] == seed for r in results):
+                continue
+            results.append(run_one(key, seed, args.work_dir, args.iters))
+            with open(results_file, 'w') as f:
+                json.dump(results, f, indent=1)
+            print(table(results), flush=True)
+    chart = osp.join(args.work_dir, 'compare_norms.png')
+    bar_chart(results, chart)
+    print(f'\n{table(results)}\n\nresults: {results_file}\nchart: {chart}')
+
+
+if __name__ == '__main__':
+    main()
