@@ -1,0 +1,274 @@
+"""How well does each estimator recover the statistics of the last k batches at the current weights?
+
+Trains an mmdet ResNet-18 with CBN (window k after a BN burn-in) from scratch at 2 images per step
+to classify the shapes of the demo images (crops around each instance, 64x64). At chosen
+iterations, right after the training forward, it recomputes the input statistics of every CBN layer
+for each of the last k batches by running them through the network as it is at this iteration (the
+current weights, each layer normalising with the statistics of this iteration's forward; nothing
+recorded), the ground truth, and compares per layer, for the window as a whole (k batches pooled):
+
+* BN: the current batch alone,
+* naive CBN: the current batch pooled with the window's entries as recorded,
+* CBN: the current batch pooled with the entries compensated to the current weights,
+
+and, per entry, the recorded and the compensated statistics against the truth for that batch by
+how many iterations back it is. Errors are relative to the layer's scale: mean |mean error| /
+sqrt(mean var) and mean |var error| / mean var over channels, averaged over the measurement points. Prints tables and saves two plots
+(error vs layer depth, error vs iterations back) as PNG.
+
+  python tools/analyze_stats.py [--iters 600] [--window 4] [--measure-every 100] [--out DIR]
+"""
+import argparse
+import collections
+import contextlib
+import json
+import os
+import os.path as osp
+import statistics
+
+os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mmcbn  # noqa: E402,F401
+from mmcbn import CrossIterationBatchNorm2d, bind_cbn_layers  # noqa: E402
+from mmcbn.datasets import generate_shapes  # noqa: E402
+from mmcbn.layers.conv_moments import output_moments  # noqa: E402
+
+DATA_ROOT = 'data/demo_shapes'
+ESTIMATORS = ('BN (batch only)', 'naive CBN', 'CBN')
+
+
+def load_crops(root, size=64):
+    """One crop per instance of the demo training images, resized to ``size``, and its class."""
+    ann = json.load(open(osp.join(root, 'train.json')))
+    files = {im['id']: im['file_name'] for im in ann['images']}
+    by_image = collections.defaultdict(list)
+    for a in ann['annotations']:
+        by_image[a['image_id']].append(a)
+    images, labels = [], []
+    for image_id, anns in by_image.items():
+        img = cv2.imread(osp.join(root, 'train', files[image_id]))[:, :, ::-1]
+        for a in anns:
+            x, y, w, h = a['bbox']
+            pad = 0.15 * max(w, h)
+            x0, y0 = int(max(0, x - pad)), int(max(0, y - pad))
+            x1, y1 = int(min(img.shape[1], x + w + pad)), int(min(img.shape[0], y + h + pad))
+            if x1 - x0 < 4 or y1 - y0 < 4:
+                continue
+            images.append(cv2.resize(np.ascontiguousarray(img[y0:y1, x0:x1]), (size, size)))
+            labels.append(a['category_id'])
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 255.0
+    x = (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    y = torch.tensor(labels)
+    _, y = torch.unique(y, return_inverse=True)
+    return x, y
+
+
+class Classifier(nn.Module):
+
+    def __init__(self, window, num_classes):
+        super().__init__()
+        from mmdet.models.backbones import ResNet
+        self.backbone = ResNet(18, norm_cfg=dict(type='CBN', window_size=window,
+                                                 requires_grad=True),
+                               norm_eval=False, frozen_stages=-1, out_indices=(3, ))
+        self.head = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        return self.head(self.backbone(x)[0].mean((2, 3)))
+
+
+@contextlib.contextmanager
+def truth_pass(cbns):
+    """The network as it is at this iteration, as a fixed function: its current weights, every
+    layer normalising with the statistics it used in this iteration's training forward. Reports
+    each layer's input mean/var (float64) into the yielded dict; changes nothing."""
+    seen = {}
+    saved = [(m.running_mean.clone(), m.running_var.clone()) for m in cbns]
+    handles = []
+    for i, m in enumerate(cbns):
+        m.running_mean.copy_(m.last_mean)
+        m.running_var.copy_(m.last_var)
+        m.training = False  # not eval(): that would export the running statistics
+
+        def hook(module, args, i=i):
+            mean, var = output_moments(args[0].detach())
+            seen[i] = (mean.double(), var.double())
+
+        handles.append(m.register_forward_pre_hook(hook))
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()
+        for m, (rm, rv) in zip(cbns, saved):
+            m.running_mean.copy_(rm)
+            m.running_var.copy_(rv)
+            m.training = True
+
+
+def pooled(means, variances):
+    """Mean/var of equally sized batches pooled: [E, C] each -> [C]."""
+    mean = means.mean(0)
+    return mean, (variances + (means - mean)**2).mean(0)
+
+
+def rel_errors(mean, var, true_mean, true_var):
+    """Errors relative to the layer's average true variance (a per-channel ratio would be ruled by
+    near-dead channels whose variance is ~0 in a 2-image batch)."""
+    scale = true_var.mean().clamp_min(1e-12)
+    return (float((mean - true_mean).abs().mean() / scale.sqrt()),
+            float((var - true_var).abs().mean() / scale))
+
+
+def measure(net, cbns, recent):
+    """Per layer: errors of the three window estimators and, per age, of the entries."""
+    truths = []  # [age][layer] -> (mean, var), age 0 = the current batch
+    for x in list(recent)[::-1]:
+        with truth_pass(cbns) as seen, torch.no_grad():
+            net(x)
+        truths.append([seen[i] for i in range(len(cbns))])
+    per_layer, per_age = [], collections.defaultdict(lambda: {'naive CBN': [], 'CBN': []})
+    for i, m in enumerate(cbns):
+        w = m.window_stats()
+        n = w['mean'].shape[0]
+        if n == 0 or len(truths) < n + 1:
+            return None, None
+        valid = w['valid'] > 0
+        t_mean = torch.stack([truths[a][i][0] for a in range(n + 1)])
+        t_var = torch.stack([truths[a][i][1] for a in range(n + 1)])
+        true_mean, true_var = pooled(t_mean, t_var)
+        cur_mean, cur_var = t_mean[:1], t_var[:1]
+        raw_mean = torch.cat([cur_mean, w['raw_mean'].double()[valid]])
+        raw_var = torch.cat([cur_var, w['raw_var'].double()[valid]])
+        comp_mean = torch.cat([cur_mean, w['mean'].double()[valid]])
+        comp_var = torch.cat([cur_var, w['var'].double()[valid]])
+        per_layer.append({
+            'BN (batch only)': rel_errors(cur_mean[0], cur_var[0], true_mean, true_var),
+            'naive CBN': rel_errors(*pooled(raw_mean, raw_var), true_mean, true_var),
+            'CBN': rel_errors(*pooled(comp_mean, comp_var), true_mean, true_var),
+        })
+        for e in range(n):
+            if not valid[e]:
+                continue
+            age = int(w['age'][e])
+            tm, tv = truths[age][i]
+            per_age[age]['naive CBN'].append(rel_errors(w['raw_mean'][e].double(),
+                                                        w['raw_var'][e].double(), tm, tv))
+            per_age[age]['CBN'].append(rel_errors(w['mean'][e].double(), w['var'][e].double(),
+                                                  tm, tv))
+    return per_layer, per_age
+
+
+def plot(per_layer, per_age, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    depth = range(1, len(per_layer) + 1)
+    for est in ESTIMATORS:
+        axes[0].semilogy(depth, [layer[est][1] for layer in per_layer], 'o-', label=est)
+    axes[0].set_xlabel('CBN layer (depth order)')
+    axes[0].set_ylabel('relative error of the variance\n(k batches at the current weights)')
+    axes[0].legend()
+    ages = sorted(per_age)
+    for est in ('naive CBN', 'CBN'):
+        axes[1].semilogy(ages, [statistics.mean(e[1] for e in per_age[a][est]) for a in ages],
+                         'o-', label=f'{est}: variance')
+        axes[1].semilogy(ages, [statistics.mean(e[0] for e in per_age[a][est]) for a in ages],
+                         's--', label=f'{est}: mean')
+    axes[1].set_xlabel('iterations back')
+    axes[1].set_ylabel('relative error of one entry')
+    axes[1].set_xticks(ages)
+    axes[1].legend()
+    for ax in axes:
+        ax.grid(alpha=0.3, which='both')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--iters', type=int, default=600)
+    parser.add_argument('--window', type=int, default=4)
+    parser.add_argument('--burn-in', type=int, default=100)
+    parser.add_argument('--measure-every', type=int, default=100)
+    parser.add_argument('--lr', type=float, default=0.02)
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default='work_dirs/analyze_stats')
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    generate_shapes(DATA_ROOT)
+    images, labels = load_crops(DATA_ROOT)
+    torch.manual_seed(args.seed)
+    net = Classifier(args.window, int(labels.max()) + 1)
+    bind_cbn_layers(net)
+    cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(args.seed)
+    recent = collections.deque(maxlen=args.window)
+    per_layer_all, per_age_all = [], collections.defaultdict(lambda: {'naive CBN': [],
+                                                                      'CBN': []})
+    correct = collections.deque(maxlen=200)
+    for it in range(args.iters):
+        for m in cbns:
+            m.effective_window = 1 if it < args.burn_in else args.window
+            m.iteration = it
+        idx = torch.randint(0, len(images), (2, ), generator=gen)
+        x = images[idx]
+        recent.append(x)
+        logits = net(x)
+        correct.extend((logits.argmax(1) == labels[idx]).tolist())
+        if it >= args.burn_in + args.window and (it + 1) % args.measure_every == 0:
+            per_layer, per_age = measure(net, cbns, recent)
+            if per_layer is not None:
+                per_layer_all.append(per_layer)
+                for age, d in per_age.items():
+                    for est in d:
+                        per_age_all[age][est] += d[est]
+                print(f'iteration {it + 1}: measured {len(per_layer)} layers; recent training '
+                      f'accuracy {sum(correct) / len(correct):.2f}', flush=True)
+        loss = nn.functional.cross_entropy(logits, labels[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    if not per_layer_all:
+        raise SystemExit('no measurement was taken: raise --iters or lower --measure-every')
+    # average over measurement points
+    per_layer = [{est: tuple(statistics.mean(p[i][est][j] for p in per_layer_all)
+                             for j in range(2)) for est in ESTIMATORS}
+                 for i in range(len(per_layer_all[0]))]
+    print(f'\n{len(cbns)} CBN layers of a ResNet-18, window {args.window}, 2 images per step, SGD '
+          f'lr {args.lr}; averaged over {len(per_layer_all)} measurement points; relative errors '
+          'against the k batches recomputed at the current weights\n')
+    print('| layer | ' + ' | '.join(f'{e}: mean / var' for e in ESTIMATORS) + ' |')
+    print('|---|' + '---:|' * len(ESTIMATORS))
+    names = [n for n, m in net.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    for name, layer in zip(names, per_layer):
+        print(f'| {name} | ' + ' | '.join(f'{layer[e][0]:.4f} / {layer[e][1]:.4f}'
+                                          for e in ESTIMATORS) + ' |')
+    overall = {e: tuple(statistics.mean(layer[e][j] for layer in per_layer) for j in range(2))
+               for e in ESTIMATORS}
+    print('| **all layers** | ' + ' | '.join(f'**{overall[e][0]:.4f} / {overall[e][1]:.4f}**'
+                                             for e in ESTIMATORS) + ' |')
+    print('\n| iterations back | naive entry: mean / var | compensated entry: mean / var |')
+    print('|---:|---:|---:|')
+    for age in sorted(per_age_all):
+        cells = [' / '.join(f'{statistics.mean(e[j] for e in per_age_all[age][est]):.4f}'
+                            for j in range(2)) for est in ('naive CBN', 'CBN')]
+        print(f'| {age} | {cells[0]} | {cells[1]} |')
+    ratio = overall['naive CBN'][1] / max(overall['CBN'][1], 1e-12)
+    print(f'\nvariance error, naive / compensated: {ratio:.1f}x')
+    os.makedirs(args.out, exist_ok=True)
+    path = osp.join(args.out, 'analyze_stats.png')
+    plot(per_layer, per_age_all, path)
+    print(f'plots: {path}')
+
+
+if __name__ == '__main__':
+    main()
