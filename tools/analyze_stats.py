@@ -201,10 +201,14 @@ def main():
     parser.add_argument('--lr', type=float, default=0.02)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='work_dirs/analyze_stats')
+    parser.add_argument('--data-root', default=DATA_ROOT,
+                        help='a COCO-format shapes set (default: the demo set, generated on '
+                        'first use)')
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    generate_shapes(DATA_ROOT)
-    images, labels = load_crops(DATA_ROOT)
+    if args.data_root == DATA_ROOT:
+        generate_shapes(DATA_ROOT)
+    images, labels = load_crops(args.data_root)
     torch.manual_seed(args.seed)
     net = Classifier(args.window, int(labels.max()) + 1)
     bind_cbn_layers(net)

@@ -106,18 +106,28 @@ def _shorter(cfg, iters):
     cfg.param_scheduler[1].milestones = [int(iters * 0.7), int(iters * 0.9)]
 
 
-def run_one(key, seed, work_dir, iters=None):
+def _with_data_root(cfg, root):
+    root = root.rstrip('/') + '/'
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        loader.dataset.data_root = root
+    cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = root + 'val.json'
+
+
+def run_one(key, seed, work_dir, iters=None, data_root=None):
     _, config, edits = VARIANTS[key]
     cfg = Config.fromfile(config)
     if iters:
         _shorter(cfg, iters)
+    if data_root:
+        _with_data_root(cfg, data_root)
     for edit in edits:
         edit(cfg)
     cfg.randomness = dict(seed=seed)
     cfg.work_dir = osp.join(work_dir, f'{key}_seed{seed}')
     cfg.train_cfg.val_begin = cfg.train_cfg.max_iters + 1  # evaluated below, three ways
     cfg.default_hooks.checkpoint = None
-    generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
+    if not data_root:
+        generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
     start = time.time()
     runner = Runner.from_cfg(cfg)
     runner.train()
@@ -185,6 +195,9 @@ def main():
     parser.add_argument('--iters', type=int, default=None,
                         help='train this many iterations at 2 images per step instead of the '
                         "demo's 1000 (a quick check; BN-8 runs a quarter of them)")
+    parser.add_argument('--data-root', default=None,
+                        help='another COCO-format shapes set (default: the demo set, generated '
+                        'on first use)')
     args = parser.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     os.makedirs(args.work_dir, exist_ok=True)
@@ -194,7 +207,7 @@ def main():
         for key in args.variants:
             if any(r['variant'] == key and r['seed'] == seed for r in results):
                 continue
-            results.append(run_one(key, seed, args.work_dir, args.iters))
+            results.append(run_one(key, seed, args.work_dir, args.iters, args.data_root))
             with open(results_file, 'w') as f:
                 json.dump(results, f, indent=1)
             print(table(results), flush=True)

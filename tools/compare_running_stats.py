@@ -4,7 +4,8 @@ Trains a small conv net from scratch on a synthetic 4-class grating-orientation 
 here, seeded) at 2 images per batch with BN, and with CBN (window 4 after a BN burn-in). Reports test
 accuracy in eval mode with the plain running statistics (BN's EMA of batch statistics), with the
 same EMA compensated to the final conv weights (``compensate_running_stats``), and with statistics
-re-estimated over the training set at the final weights (precise BN), for several seeds.
+re-estimated over the training set at the final weights (precise BN), for several seeds, at the
+end of training (after the learning-rate decay) and at chosen points before it.
 
 Usage: python tools/compare_running_stats.py [--seeds 3] [--iters 2000]
 """
@@ -73,9 +74,21 @@ def reestimate(net, images, batch=32, batches=40):
             m.effective_window = window
 
 
-def train(variant, seed, data, iters, burn_in, lr):
-    """Trains once; returns test accuracy with the plain EMA, the compensated EMA and statistics
-    re-estimated at the final weights (the running statistics do not influence training)."""
+def evaluate_three_ways(net, train_x, test_x, test_y):
+    """Test accuracy with the plain EMA, the compensated EMA and statistics re-estimated at the
+    current weights, each on a copy (the running statistics do not influence training)."""
+    plain = copy.deepcopy(net)
+    for m in plain.modules():
+        if isinstance(m, CrossIterationBatchNorm2d):
+            m.compensate_running_stats = False  # eval with the EMA as it is
+    compensated = copy.deepcopy(net)  # eval() exports the compensated statistics
+    precise = copy.deepcopy(net)
+    reestimate(precise, train_x)
+    return tuple(accuracy(m, test_x, test_y) for m in (plain, compensated, precise))
+
+
+def train(variant, seed, data, iters, burn_in, lr, eval_at):
+    """Trains once; returns {iteration: (plain EMA, compensated EMA, re-estimated) accuracy}."""
     train_x, train_y, test_x, test_y = data
     torch.manual_seed(seed)
     net = make_net()
@@ -86,7 +99,10 @@ def train(variant, seed, data, iters, burn_in, lr):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(iters * 0.7), int(iters * 0.9)])
     gen = torch.Generator().manual_seed(seed)
     cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    results = {}
     for it in range(iters):
+        if it in eval_at:
+            results[it] = evaluate_three_ways(net, train_x, test_x, test_y)
         for m in cbns:
             m.effective_window = 1 if it < burn_in else window
             m.iteration = it
@@ -96,14 +112,8 @@ def train(variant, seed, data, iters, burn_in, lr):
         loss.backward()
         opt.step()
         sched.step()
-    plain = copy.deepcopy(net)
-    for m in plain.modules():
-        if isinstance(m, CrossIterationBatchNorm2d):
-            m.compensate_running_stats = False  # eval with the EMA as it is
-    ema = accuracy(plain, test_x, test_y)
-    compensated = accuracy(net, test_x, test_y)  # eval() exports the compensated statistics
-    reestimate(net, train_x)
-    return ema, compensated, accuracy(net, test_x, test_y)
+    results[iters] = evaluate_three_ways(net, train_x, test_x, test_y)
+    return results
 
 
 def main():
@@ -112,7 +122,11 @@ def main():
     parser.add_argument('--iters', type=int, default=2000)
     parser.add_argument('--burn-in', type=int, default=400)
     parser.add_argument('--lr', type=float, default=0.005)
+    parser.add_argument('--eval-at', type=float, nargs='+', default=[0.5],
+                        help='also evaluate at these fractions of training (before the learning '
+                        'rate decays at 0.7, the weights still move fast)')
     args = parser.parse_args()
+    eval_at = sorted({int(f * args.iters) for f in args.eval_at if 0 < f < 1})
     torch.set_num_threads(min(2, torch.get_num_threads()))
     train_x, train_y = make_gratings(4000, seed=1)
     test_x, test_y = make_gratings(1000, seed=2)
@@ -120,17 +134,19 @@ def main():
     print(f'{args.iters} iterations at batch 2, SGD lr {args.lr} momentum 0.9, CBN window 4 after '
           f'{args.burn_in} iterations of BN; '
           f'{args.seeds} seeds; test accuracy (mean +- std over seeds)')
-    print('| variant | plain EMA (momentum 0.1) | compensated EMA | re-estimated at final weights |')
-    print('|---|---:|---:|---:|')
+    print('| variant | evaluated at iteration | plain EMA (momentum 0.1) | compensated EMA | '
+          're-estimated at these weights |')
+    print('|---|---:|---:|---:|---:|')
     for variant in ('BN', 'CBN'):
-        results = [train(variant, seed, data, args.iters, args.burn_in, args.lr)
+        results = [train(variant, seed, data, args.iters, args.burn_in, args.lr, eval_at)
                    for seed in range(args.seeds)]
-        cols = []
-        for j in range(3):
-            vals = [r[j] for r in results]
-            std = statistics.stdev(vals) if len(vals) > 1 else 0.0
-            cols.append(f'{statistics.mean(vals):.3f} +- {std:.3f}')
-        print(f'| {variant} | ' + ' | '.join(cols) + ' |', flush=True)
+        for it in eval_at + [args.iters]:
+            cols = []
+            for j in range(3):
+                vals = [r[it][j] for r in results]
+                std = statistics.stdev(vals) if len(vals) > 1 else 0.0
+                cols.append(f'{statistics.mean(vals):.3f} +- {std:.3f}')
+            print(f'| {variant} | {it} | ' + ' | '.join(cols) + ' |', flush=True)
 
 
 if __name__ == '__main__':

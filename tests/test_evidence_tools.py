@@ -1,0 +1,95 @@
+"""The evidence tools on tiny settings: they run, and what they report holds against references."""
+import json
+import os.path as osp
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmcbn import CrossIterationBatchNorm2d, convert_cbn_to_bn
+from mmcbn.datasets import generate_shapes
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+
+
+@pytest.fixture(scope='module')
+def tiny_shapes(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp('shapes') / 'shapes')
+    return generate_shapes(root, num_train=12, num_val=4, seed=5)
+
+
+def _run(args, timeout=600):
+    proc = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
+    out = _run(['tools/compare_norms.py', '--iters', '4', '--variants', 'BN-2', 'GN-2',
+                '--data-root', tiny_shapes, '--work-dir', str(tmp_path)])
+    results = json.load(open(tmp_path / 'results.json'))
+    assert {r['variant'] for r in results} == {'BN-2', 'GN-2'}
+    bn = next(r for r in results if r['variant'] == 'BN-2')
+    gn = next(r for r in results if r['variant'] == 'GN-2')
+    for stats in ('EMA', 'compensated EMA', 'precise'):
+        assert 0.0 <= bn[f'{stats}/bbox'] <= 1.0 and 0.0 <= bn[f'{stats}/segm'] <= 1.0
+    assert 'EMA/bbox' in gn and 'precise/bbox' not in gn  # GN has no running statistics
+    assert re.search(r'\| BN, 2 img/step \| 1 \|', out) and re.search(r'\| GN, 2 img/step \| 1 \|',
+                                                                        out)
+    assert 'precise statistics: 28 layers' in out  # backbone and FPN
+    assert (tmp_path / 'compare_norms.png').stat().st_size > 1000
+
+
+def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):
+    out = _run(['tools/analyze_stats.py', '--iters', '40', '--burn-in', '10', '--window', '3',
+                '--measure-every', '10', '--lr', '0.05', '--data-root', tiny_shapes, '--out',
+                str(tmp_path)])
+    # the stem's input is the image: the truth there is the conv at the current weights on the
+    # recorded batches, which the compensated mean matches exactly and the naive one does not
+    row = re.search(r'\| backbone\.bn1 \| ([0-9.]+) / ([0-9.]+) \| ([0-9.]+) / ([0-9.]+) \| '
+                    r'([0-9.]+) / ([0-9.]+) \|', out)
+    assert row, out
+    naive_mean, cbn_mean = float(row.group(3)), float(row.group(5))
+    naive_var, cbn_var = float(row.group(4)), float(row.group(6))
+    assert cbn_mean < 1e-3 and naive_mean > 10 * max(cbn_mean, 1e-4), row.group(0)
+    assert cbn_var < naive_var, row.group(0)
+    assert (tmp_path / 'analyze_stats.png').stat().st_size > 1000
+
+
+def test_benchmark_tool_prints_ratios_and_window_state():
+    out = _run(['tools/benchmark.py', '--size', '64', '--models', 'faster_rcnn', '--batches', '1',
+                '--variants', 'BN', 'CBN k=2', '--repeats', '1', '--memory', '--no-inference'])
+    bn = re.search(r'\| BN \| ([0-9.]+) \| 1\.00x \| (\d+) \| 1\.00x \| 0\.0 \|', out)
+    cbn = re.search(r'\| CBN k=2 \| ([0-9.]+) \| ([0-9.]+)x \| (\d+) \| ([0-9.]+)x \| ([0-9.]+) \|',
+                    out)
+    assert bn and cbn, out
+    # window 2: one stored entry of about |W| floats, plus the weight-sized running-stats EMA
+    assert float(cbn.group(5)) > 0
+
+
+def test_deployment_fold_equals_cbn_eval():
+    """The benchmark's deployed model: CBN -> BN -> folded into the conv gives CBN's eval output."""
+    from mmcv.cnn import fuse_conv_bn
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(0)
+    net = ResNet(18, norm_cfg=dict(type='CBN', window_size=2), out_indices=(3, ))
+    net.train()
+    for it in range(3):
+        for m in net.modules():
+            if isinstance(m, CrossIterationBatchNorm2d):
+                m.iteration = it
+        net(torch.randn(2, 3, 64, 64))[0].sum().backward()
+        with torch.no_grad():
+            for p in net.parameters():
+                p -= 0.01 * p.grad
+                p.grad = None
+    net.eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = net(x)[0]
+        folded = fuse_conv_bn(convert_cbn_to_bn(net).eval())
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x)[0], expected, rtol=1e-4, atol=1e-4)
