@@ -34,7 +34,7 @@ from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 import mmcbn  # noqa: E402,F401
 from mmcbn import CrossIterationBatchNorm2d  # noqa: E402
 from mmcbn.datasets import generate_shapes  # noqa: E402
-from mmcbn.engine.precise_stats import recompute_running_stats  # noqa: E402
+from mmcbn.engine.precise_stats import loader_batches, recompute_running_stats  # noqa: E402
 
 BN_CONFIG = 'configs/demo/mask-rcnn_r18_fpn_bn_shapes.py'
 GN_CONFIG = 'configs/demo/mask-rcnn_r18_fpn_gn_shapes.py'
@@ -91,7 +91,8 @@ def _evaluate_three_ways(runner):
         return module(**module.data_preprocessor(batch, True), mode='loss')
 
     batches = PRECISE_IMAGES // runner.train_dataloader.batch_size
-    report = recompute_running_stats(model, runner.train_dataloader, forward, batches)
+    report = recompute_running_stats(model, loader_batches(runner.train_dataloader), forward,
+                                     batches)
     print(f'precise statistics: {report.num_layers} layers, {report.num_batches} batches, '
           f'{report.seconds:.0f} s', flush=True)
     results['precise'] = runner.val_loop.run()

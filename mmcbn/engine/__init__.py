@@ -1,4 +1,4 @@
 from .hooks import CBNHook
-from .precise_stats import PreciseStatsReport, recompute_running_stats
+from .precise_stats import PreciseStatsReport, loader_batches, recompute_running_stats
 
-__all__ = ['CBNHook', 'PreciseStatsReport', 'recompute_running_stats']
+__all__ = ['CBNHook', 'PreciseStatsReport', 'loader_batches', 'recompute_running_stats']

@@ -13,7 +13,7 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List
+from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch
@@ -23,6 +23,17 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import CrossIterationBatchNorm2d
 from ..layers.conv_moments import output_moments
+
+
+def loader_batches(loader) -> Iterator[Any]:
+    """A fresh pass over a DataLoader's batches, loaded in this process.
+
+    Follows the loader's batch sampler (its order, its share of the data under DDP) and collate
+    function, but not its worker processes: the training loop's iterator may hold persistent
+    workers over an infinite sampler, which a second iterator of the same loader cannot share.
+    """
+    for indices in loader.batch_sampler:
+        yield loader.collate_fn([loader.dataset[i] for i in indices])
 
 
 @dataclass
@@ -95,6 +106,9 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[Any],
 
     Returns:
         A :class:`PreciseStatsReport`.
+
+    Raises:
+        ValueError: if ``batches`` yields nothing (the statistics are then left as they were).
     """
     start = time.perf_counter()
     was_training = {m: m.training for m in model.modules()}
@@ -130,6 +144,9 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[Any],
         for m, mode in was_training.items():
             m.training = mode
 
+    if used == 0:
+        raise ValueError('recompute_running_stats: the batches yielded nothing; the running '
+                         'statistics are left as they were')
     names = list(layers)
     if names:
         flat = torch.cat([sums[n] for n in names])

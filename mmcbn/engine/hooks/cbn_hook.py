@@ -9,7 +9,7 @@ from torch import nn
 
 from ...layers import CrossIterationBatchNorm2d
 from ...layers.model_binding import bind_cbn_layers
-from ..precise_stats import recompute_running_stats
+from ..precise_stats import loader_batches, recompute_running_stats
 from ...utils.validation import check_int
 
 GROWTH_MODES = ('step', 'linear')
@@ -188,14 +188,16 @@ class CBNHook(Hook):
             return module(**data, mode='loss') if isinstance(data, dict) else module(*data,
                                                                                      mode='loss')
 
-        report = recompute_running_stats(model, runner.train_dataloader, forward,
+        report = recompute_running_stats(model, loader_batches(runner.train_dataloader), forward,
                                          self.precise_bn_batches)
         self._stats_stale = False
         runner.logger.info(
             f'CBNHook: re-estimated the running statistics of {report.num_layers} layers at the '
             f'current weights over {report.num_batches} training batches in '
-            f'{report.seconds:.1f} s' + (f'; no input reached {report.not_seen}'
-                                          if report.not_seen else ''))
+            f'{report.seconds:.1f} s')
+        if report.not_seen:
+            runner.logger.warning(f'CBNHook: no input reached {report.not_seen} during the '
+                                  're-estimation: their running statistics are unchanged')
         runner.message_hub.update_scalar('train/precise_bn_time', report.seconds)
 
     def _log_graph_bindings(self, runner) -> None:
