@@ -132,15 +132,27 @@ def test_statistics_are_summed_over_processes(tmp_path):
 
 
 def test_hook_reestimates_after_the_last_iteration_before_the_checkpoint(tmp_path):
-    from test_hook import _runner
+    from mmengine.runner import Runner
+    from test_hook import ToyDataset, ToyModel
 
-    hook = dict(type='CBNHook', burnin_iters=2, precise_bn_batches=3)
-    runner, _ = _runner(tmp_path, 'precise', hook, dict(type='IterBasedTrainLoop', max_iters=6))
+    # as the detection configs load data: an infinite sampler behind a persistent worker, whose
+    # loader the re-estimation cannot iterate a second time (it reads the batches itself)
+    runner = Runner(
+        model=ToyModel(), work_dir=str(tmp_path), experiment_name='precise',
+        train_dataloader=dict(dataset=ToyDataset(),
+                              sampler=dict(type='InfiniteSampler', shuffle=False), batch_size=2,
+                              num_workers=1, persistent_workers=True,
+                              collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.01)),
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=6),
+        custom_hooks=[dict(type='CBNHook', burnin_iters=2, precise_bn_batches=3)],
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', interval=6, by_epoch=False)),
+        log_level='INFO')
     runner.train()
     model = runner.model
-    # the reference: every batch of a fresh pass over the loader at the final weights
-    loader = runner.train_dataloader
-    inputs = torch.cat([b['inputs'] for _, b in zip(range(3), loader)])
+    # the reference: the first three batches of the sampler's order, at the final weights
+    dataset = ToyDataset()
+    inputs = torch.stack([dataset[i]['inputs'] for i in range(6)])
     with torch.no_grad():
         y1 = model.conv1(inputs)
     mean1, var1 = _population(y1)
@@ -151,6 +163,15 @@ def test_hook_reestimates_after_the_last_iteration_before_the_checkpoint(tmp_pat
     log = open(os.path.join(runner.log_dir, f'{runner.timestamp}.log')).read()
     assert re.search(r're-estimated the running statistics of 2 layers at the current weights '
                      r'over 3 training batches in [0-9.]+ s', log)
+
+
+def test_an_empty_pass_is_an_error():
+    import pytest
+    net = Net()
+    mean = net.cbn.running_mean.clone()
+    with pytest.raises(ValueError, match='yielded nothing'):
+        recompute_running_stats(net, [], lambda m, x: m(x), num_batches=4)
+    assert torch.equal(net.cbn.running_mean, mean)
 
 
 def test_hook_validates_precise_bn_batches():
