@@ -75,21 +75,24 @@ def test_deployment_fold_equals_cbn_eval():
     from mmcv.cnn import fuse_conv_bn
     from mmdet.models.backbones import ResNet
     torch.manual_seed(0)
-    net = ResNet(18, norm_cfg=dict(type='CBN', window_size=2), out_indices=(3, ))
+    net = ResNet(18, norm_cfg=dict(type='CBN', window_size=2), norm_eval=False, out_indices=(3, ))
     net.train()
+    cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     for it in range(3):
-        for m in net.modules():
-            if isinstance(m, CrossIterationBatchNorm2d):
-                m.iteration = it
-        net(torch.randn(2, 3, 64, 64))[0].sum().backward()
+        for m in cbns:
+            m.iteration = it
+        (net(torch.randn(2, 3, 64, 64))[0]**2).mean().backward()
         with torch.no_grad():
             for p in net.parameters():
-                p -= 0.01 * p.grad
+                p -= 0.05 * p.grad
                 p.grad = None
+    assert all(m.running_stats_nbytes() > 0 for m in cbns)  # eval() exports compensated stats
     net.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = net(x)[0]
-        folded = fuse_conv_bn(convert_cbn_to_bn(net).eval())
+        deployed = convert_cbn_to_bn(net)
+        deployed.eval()  # mmdet's ResNet.train() returns None
+        folded = fuse_conv_bn(deployed)
         assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
         torch.testing.assert_close(folded(x)[0], expected, rtol=1e-4, atol=1e-4)
