@@ -125,14 +125,40 @@ def rel_errors(mean, var, true_mean, true_var):
             float((var - true_var).abs().mean() / scale))
 
 
-def measure(net, cbns, recent):
+class ConvInputs:
+    """The input of each layer's bound conv in the last k training forwards (newest last)."""
+
+    def __init__(self, cbns, k):
+        self.inputs = [collections.deque(maxlen=k) for _ in cbns]
+        self.recording = True
+        for i, m in enumerate(cbns):
+            m.binding.module.register_forward_hook(self._hook(i))
+
+    def _hook(self, i):
+        def hook(module, args, output):
+            if self.recording:
+                self.inputs[i].append(args[0].detach().clone())
+        return hook
+
+    def local_truth(self, cbns, i, age):
+        """Batch ``age`` iterations back through layer i's conv at its current weights (the
+        conv's own input as recorded): what the first-order compensation aims at."""
+        conv = cbns[i].binding.module
+        with torch.no_grad():  # _conv_forward: no forward hooks, which would record this input
+            y = conv._conv_forward(self.inputs[i][-1 - age], conv.weight, conv.bias).double()
+        return y.mean((0, 2, 3)), y.var((0, 2, 3), unbiased=False)
+
+
+def measure(net, cbns, recent, conv_inputs):
     """Per layer: errors of the three window estimators and, per age, of the entries."""
     truths = []  # [age][layer] -> (mean, var), age 0 = the current batch
+    conv_inputs.recording = False
     for x in list(recent)[::-1]:
         with truth_pass(cbns) as seen, torch.no_grad():
             net(x)
         truths.append([seen[i] for i in range(len(cbns))])
-    per_layer, per_age = [], collections.defaultdict(lambda: {'naive CBN': [], 'CBN': []})
+    conv_inputs.recording = True
+    per_layer, per_age = [], collections.defaultdict(lambda: collections.defaultdict(list))
     for i, m in enumerate(cbns):
         w = m.window_stats()
         n = w['mean'].shape[0]
@@ -161,6 +187,11 @@ def measure(net, cbns, recent):
                                                         w['raw_var'][e].double(), tm, tv))
             per_age[age]['CBN'].append(rel_errors(w['mean'][e].double(), w['var'][e].double(),
                                                   tm, tv))
+            lm, lv = conv_inputs.local_truth(cbns, i, age)
+            per_age[age]['naive CBN, own conv'].append(rel_errors(
+                w['raw_mean'][e].double(), w['raw_var'][e].double(), lm, lv))
+            per_age[age]['CBN, own conv'].append(rel_errors(w['mean'][e].double(),
+                                                            w['var'][e].double(), lm, lv))
     return per_layer, per_age
 
 
@@ -176,11 +207,11 @@ def plot(per_layer, per_age, path):
     axes[0].set_ylabel('relative error of the variance\n(k batches at the current weights)')
     axes[0].legend()
     ages = sorted(per_age)
-    for est in ('naive CBN', 'CBN'):
+    for est, label in (('naive CBN', 'naive, whole network'), ('CBN', 'CBN, whole network'),
+                       ('naive CBN, own conv', 'naive, own conv'),
+                       ('CBN, own conv', 'CBN, own conv')):
         axes[1].semilogy(ages, [statistics.mean(e[1] for e in per_age[a][est]) for a in ages],
-                         'o-', label=f'{est}: variance')
-        axes[1].semilogy(ages, [statistics.mean(e[0] for e in per_age[a][est]) for a in ages],
-                         's--', label=f'{est}: mean')
+                         'o-', label=f'{label}: variance')
     axes[1].set_xlabel('iterations back')
     axes[1].set_ylabel('relative error of one entry')
     axes[1].set_xticks(ages)
@@ -198,7 +229,7 @@ def main():
     parser.add_argument('--window', type=int, default=4)
     parser.add_argument('--burn-in', type=int, default=100)
     parser.add_argument('--measure-every', type=int, default=100)
-    parser.add_argument('--lr', type=float, default=0.02)
+    parser.add_argument('--lr', type=float, default=0.005)
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='work_dirs/analyze_stats')
     parser.add_argument('--data-root', default=DATA_ROOT,
@@ -216,8 +247,8 @@ def main():
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(args.seed)
     recent = collections.deque(maxlen=args.window)
-    per_layer_all, per_age_all = [], collections.defaultdict(lambda: {'naive CBN': [],
-                                                                      'CBN': []})
+    conv_inputs = ConvInputs(cbns, args.window)
+    per_layer_all, per_age_all = [], collections.defaultdict(lambda: collections.defaultdict(list))
     correct = collections.deque(maxlen=200)
     for it in range(args.iters):
         for m in cbns:
@@ -229,7 +260,7 @@ def main():
         logits = net(x)
         correct.extend((logits.argmax(1) == labels[idx]).tolist())
         if it >= args.burn_in + args.window and (it + 1) % args.measure_every == 0:
-            per_layer, per_age = measure(net, cbns, recent)
+            per_layer, per_age = measure(net, cbns, recent, conv_inputs)
             if per_layer is not None:
                 per_layer_all.append(per_layer)
                 for age, d in per_age.items():
@@ -260,14 +291,23 @@ def main():
                for e in ESTIMATORS}
     print('| **all layers** | ' + ' | '.join(f'**{overall[e][0]:.4f} / {overall[e][1]:.4f}**'
                                              for e in ESTIMATORS) + ' |')
-    print('\n| iterations back | naive entry: mean / var | compensated entry: mean / var |')
-    print('|---:|---:|---:|')
+    print('\nOne entry against its batch at the current weights: through the whole network as it is '
+          'now, and through the layer\'s own conv only (the entry\'s recorded conv input at the '
+          'current conv weights: what the compensation targets)\n')
+    print('| iterations back | whole network: naive entry | whole network: compensated entry | '
+          'own conv: naive entry | own conv: compensated entry |')
+    print('|---:|---:|---:|---:|---:|')
+    cols = ('naive CBN', 'CBN', 'naive CBN, own conv', 'CBN, own conv')
     for age in sorted(per_age_all):
         cells = [' / '.join(f'{statistics.mean(e[j] for e in per_age_all[age][est]):.4f}'
-                            for j in range(2)) for est in ('naive CBN', 'CBN')]
-        print(f'| {age} | {cells[0]} | {cells[1]} |')
+                            for j in range(2)) for est in cols]
+        print(f'| {age} | ' + ' | '.join(cells) + ' |')
+    own = [statistics.mean(e[1] for a in per_age_all for e in per_age_all[a][est])
+           for est in ('naive CBN, own conv', 'CBN, own conv')]
+    print(f'\nown conv, variance error of an entry, naive / compensated: '
+          f'{own[0] / max(own[1], 1e-12):.1f}x')
     ratio = overall['naive CBN'][1] / max(overall['CBN'][1], 1e-12)
-    print(f'\nvariance error, naive / compensated: {ratio:.1f}x')
+    print(f'whole network, variance error of the window, naive / compensated: {ratio:.1f}x')
     os.makedirs(args.out, exist_ok=True)
     path = osp.join(args.out, 'analyze_stats.png')
     plot(per_layer, per_age_all, path)
