@@ -128,6 +128,22 @@ def test_compensation_off_keeps_the_plain_ema():
     torch.testing.assert_close(norm.running_var, ref_var, rtol=0, atol=1e-12)
 
 
+def test_switching_compensation_off_after_training_evaluates_the_plain_ema():
+    _, norm, _ = _train(3, 0.1)
+    weights, init_weight = _ema_weights(len(norm.seen), 0.1)
+    ref_mean = sum(a * m for a, (m, _) in zip(weights, norm.seen))
+    compensated, _ = norm.running_stats_at_current_weights()
+    assert (compensated - ref_mean).abs().max() > 1e-4
+    norm.compensate_running_stats = False
+    norm.eval()
+    assert torch.equal(norm.state_dict()['running_mean'], norm.running_mean)
+    torch.testing.assert_close(norm.running_mean, ref_mean, rtol=0, atol=1e-12)
+    norm.train()
+    norm.compensate_running_stats = True
+    norm.eval()
+    torch.testing.assert_close(norm.running_mean, compensated, rtol=0, atol=1e-12)
+
+
 def test_load_state_dict_resets_what_is_tracked():
     conv, norm, _ = _train(3, 0.1)
     assert norm.running_stats_nbytes() > 0

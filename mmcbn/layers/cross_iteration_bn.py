@@ -309,9 +309,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Writes :meth:`running_stats_at_current_weights` into ``running_mean``/``running_var``.
 
         Idempotent: later evaluations at any weights give the same values as before the export.
-        Called on every switch to eval mode and before every save.
+        Called on every switch to eval mode and before every save; does nothing while
+        ``compensate_running_stats`` is False (e.g. switched off after training to evaluate with
+        the plain EMA).
         """
-        if self._drift.empty or self.binding is None or self.running_mean is None:
+        if not self.compensate_running_stats or self._drift.empty or self.binding is None or \
+                self.running_mean is None:
             return
         mean, var = self.running_stats_at_current_weights()
         self.running_mean.copy_(mean)
