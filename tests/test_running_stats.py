@@ -168,5 +168,9 @@ def test_window_source_refuses_explicit_compensation():
                        "running_stats_source='batch'"):
         CrossIterationBatchNorm2d(4, running_stats_source='window', compensate_running_stats=True)
     assert not CrossIterationBatchNorm2d(4, running_stats_source='window').compensate_running_stats
+    assert not CrossIterationBatchNorm2d(4, compensation=False).compensate_running_stats
+    assert CrossIterationBatchNorm2d(4, compensation=False,
+                                     compensate_running_stats=True).compensate_running_stats
+    assert CrossIterationBatchNorm2d(4).compensate_running_stats
     with pytest.raises(TypeError, match='compensate_running_stats must be'):
         CrossIterationBatchNorm2d(4, compensate_running_stats='yes')
