@@ -78,12 +78,13 @@ def _evaluate_three_ways(runner):
     """mAPs with the plain EMA, the compensated EMA and precise statistics (one training run)."""
     model = runner.model
     cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    configured = [m.compensate_running_stats for m in cbns]
     results = {}
     for m in cbns:
         m.compensate_running_stats = False  # eval() exports nothing: the EMA as it is
     results['EMA'] = runner.val_loop.run()
-    for m in cbns:
-        m.compensate_running_stats = True
+    for m, compensate in zip(cbns, configured):
+        m.compensate_running_stats = compensate
     model.train()
     results['compensated EMA'] = runner.val_loop.run()  # eval() exports the compensated values
 

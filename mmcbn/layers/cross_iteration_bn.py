@@ -378,21 +378,23 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        # scratch state stays float32 or wider: a dtype change drops it, a device change moves it
+        if self.running_mean is not None:
+            stats_dtype, device = torch.promote_types(self.running_mean.dtype,
+                                                      torch.float32), self.running_mean.device
+        else:
+            stats_dtype, device = torch.float32, self.weight.device
         if self._window.mean is not None:
-            stats_dtype = torch.promote_types(self.running_mean.dtype if self.running_mean is not None
-                                              else torch.float32, torch.float32)
             if self._window.mean.dtype != stats_dtype:
                 self.reset_window()
             else:
-                self._window.to_(self.running_mean.device if self.running_mean is not None
-                                 else self.weight.device)
+                self._window.to_(device)
                 self._state = None
         if not self._drift.empty:
-            if self.running_mean is not None and self._drift.var_grad.dtype == torch.promote_types(
-                    self.running_mean.dtype, torch.float32):
-                self._drift.to_(self.running_mean.device)
-            else:
+            if self._drift.var_grad.dtype != stats_dtype:
                 self._drift.clear()
+            else:
+                self._drift.to_(device)
         return self
 
     def __getstate__(self):
@@ -608,7 +610,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @torch.no_grad()
     def _update_running_stats(self, mean, var, batch_count, mean_bar, var_bar, count, finite):
         self.num_batches_tracked.add_(1)
-        factor = (1.0 / float(self.num_batches_tracked)) if self.momentum is None else self.momentum
+        factor = self._ema_factor()
         if self.running_stats_source == 'window':
             src_mean, src_var, n = mean_bar, var_bar, count
         else:

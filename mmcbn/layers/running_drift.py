@@ -23,9 +23,12 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .scratch_tensors import ScratchTensors
 
-class RunningDrift:
+
+class RunningDrift(ScratchTensors):
     """EMAs of the per-iteration derivative terms of one layer's running statistics."""
+    tensor_names = ('patch_mean', 'var_grad', 'bias_weight', 'mean_at_own', 'var_at_own')
 
     def __init__(self) -> None:
         self.clear()
@@ -103,14 +106,3 @@ class RunningDrift:
         d_mean, d_var = self.delta(weight, bias)
         self.mean_at_own += d_mean
         self.var_at_own += d_var
-
-    def to_(self, device) -> None:
-        for name in ('patch_mean', 'var_grad', 'bias_weight', 'mean_at_own', 'var_at_own'):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.to(device))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for t in (self.patch_mean, self.var_grad, self.bias_weight, self.mean_at_own,
-                             self.var_at_own) if t is not None)

@@ -4,8 +4,10 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .scratch_tensors import ScratchTensors
 
-class MomentWindow:
+
+class MomentWindow(ScratchTensors):
     """A fixed-size ring of per-iteration statistics, preallocated on first use.
 
     Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
@@ -23,6 +25,7 @@ class MomentWindow:
     Args:
         capacity: number of slots (the window size minus the current batch).
     """
+    tensor_names = ('mean', 'var', 'valid', 'compensable_mask', 'patch_mean', 'sqmean_grad')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -134,17 +137,3 @@ class MomentWindow:
         self.sqmean_grad[:, slot] = sqmean_grad
         self.compensable[slot] = True
         self.compensable_mask[slot] = 1.0
-
-    def to_(self, device) -> None:
-        """Moves the storage to ``device`` (the dtype stays float32 or wider)."""
-        for name in ('mean', 'var', 'valid', 'compensable_mask', 'patch_mean', 'sqmean_grad'):
-            t = getattr(self, name)
-            if t is not None:
-                setattr(self, name, t.to(device))
-
-    def nbytes(self) -> int:
-        """Bytes of tensor storage held."""
-        return sum(t.numel() * t.element_size()
-                   for t in (self.mean, self.var, self.valid, self.compensable_mask,
-                             self.patch_mean, self.sqmean_grad)
-                   if t is not None)
