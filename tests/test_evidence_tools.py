@@ -45,7 +45,7 @@ def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
 
 def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):
     out = _run(['tools/analyze_stats.py', '--iters', '40', '--burn-in', '10', '--window', '3',
-                '--measure-every', '10', '--lr', '0.05', '--data-root', tiny_shapes, '--out',
+                '--measure-every', '10', '--lr', '0.003', '--data-root', tiny_shapes, '--out',
                 str(tmp_path)])
     # the stem's input is the image: the truth there is the conv at the current weights on the
     # recorded batches, which the compensated mean matches exactly and the naive one does not

@@ -16,7 +16,7 @@ how many iterations back it is. Errors are relative to the layer's scale: mean |
 sqrt(mean var) and mean |var error| / mean var over channels, averaged over the measurement points. Prints tables and saves two plots
 (error vs layer depth, error vs iterations back) as PNG.
 
-  python tools/analyze_stats.py [--iters 600] [--window 4] [--measure-every 100] [--out DIR]
+  python tools/analyze_stats.py [--iters 1200] [--window 4] [--measure-every 100] [--out DIR]
 """
 import argparse
 import collections
@@ -225,11 +225,11 @@ def plot(per_layer, per_age, path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument('--iters', type=int, default=600)
+    parser.add_argument('--iters', type=int, default=1200)
     parser.add_argument('--window', type=int, default=4)
     parser.add_argument('--burn-in', type=int, default=100)
     parser.add_argument('--measure-every', type=int, default=100)
-    parser.add_argument('--lr', type=float, default=0.005)
+    parser.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='work_dirs/analyze_stats')
     parser.add_argument('--data-root', default=DATA_ROOT,
@@ -244,7 +244,9 @@ def main():
     net = Classifier(args.window, int(labels.max()) + 1)
     bind_cbn_layers(net)
     cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    # AdamW: at 2 images per step SGD (lr 0.005 and 0.05) left this classifier at chance accuracy
+    # after 600 iterations; AdamW 1e-3 reaches ~0.85
+    opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=0.05)
     gen = torch.Generator().manual_seed(args.seed)
     recent = collections.deque(maxlen=args.window)
     conv_inputs = ConvInputs(cbns, args.window)
@@ -278,9 +280,9 @@ def main():
     per_layer = [{est: tuple(statistics.mean(p[i][est][j] for p in per_layer_all)
                              for j in range(2)) for est in ESTIMATORS}
                  for i in range(len(per_layer_all[0]))]
-    print(f'\n{len(cbns)} CBN layers of a ResNet-18, window {args.window}, 2 images per step, SGD '
-          f'lr {args.lr}; averaged over {len(per_layer_all)} measurement points; relative errors '
-          'against the k batches recomputed at the current weights\n')
+    print(f'\n{len(cbns)} CBN layers of a ResNet-18, window {args.window}, 2 images per step, '
+          f'AdamW lr {args.lr}; averaged over {len(per_layer_all)} measurement points; '
+          'relative errors against the k batches recomputed at the current weights\n')
     print('| layer | ' + ' | '.join(f'{e}: mean / var' for e in ESTIMATORS) + ' |')
     print('|---|' + '---:|' * len(ESTIMATORS))
     names = [n for n, m in net.named_modules() if isinstance(m, CrossIterationBatchNorm2d)]
