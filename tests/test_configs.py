@@ -53,6 +53,8 @@ def _shrink(cfg, data_root, prefix_train, prefix_val, ann_train, ann_val, work_d
         if hook['type'] == 'CBNHook':
             hook.pop('burnin_epochs', None)
             hook['burnin_iters'] = 0
+            if hook.get('precise_bn_batches'):
+                hook['precise_bn_batches'] = 2  # the re-estimation pass runs, briefly
     return cfg
 
 

@@ -127,6 +127,9 @@ def run_one(key, seed, work_dir, iters=None, data_root=None):
     cfg.randomness = dict(seed=seed)
     cfg.work_dir = osp.join(work_dir, f'{key}_seed{seed}')
     cfg.train_cfg.val_begin = cfg.train_cfg.max_iters + 1  # evaluated below, three ways
+    for hook in cfg.get('custom_hooks', []):
+        if hook.get('type') == 'CBNHook':
+            hook['precise_bn_batches'] = 0  # the config's own re-estimation would replace the EMA
     cfg.default_hooks.checkpoint = None
     if not data_root:
         generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
