@@ -249,17 +249,21 @@ def test_non_finite_batch_never_enters_the_window_or_running_stats():
         cbn(conv(torch.randn(2, 3, 8, 8)))
     mean_before = cbn._window.mean.clone()
     running = cbn.running_mean.clone(), cbn.running_var.clone()
+    drift = [getattr(cbn._drift, n).clone() for n in cbn._drift.tensor_names]  # compensation EMAs
     bad = torch.randn(2, 3, 8, 8)
     bad[0, 0, 0, 0] = float('inf')
     out = cbn(conv(bad))
     assert not torch.isfinite(out).all()
     # the bad entry is stored as invalid: the next step normalises with finite statistics only
     assert torch.equal(cbn.running_mean, running[0]) and torch.equal(cbn.running_var, running[1])
+    assert all(torch.equal(before, getattr(cbn._drift, name))
+               for before, name in zip(drift, cbn._drift.tensor_names))
     out = cbn(conv(torch.randn(2, 3, 8, 8)))
     assert torch.isfinite(out).all() and torch.isfinite(cbn.last_var).all()
     stats = cbn.window_stats()
     assert stats['valid'].tolist() == [0.0, 1.0]
     assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()
+    assert all(torch.isfinite(t).all() for t in cbn.running_stats_at_current_weights())
     assert mean_before.shape == cbn._window.mean.shape
 
 

@@ -130,6 +130,9 @@ def run_one(key, seed, work_dir, iters=None, data_root=None):
     for hook in cfg.get('custom_hooks', []):
         if hook.get('type') == 'CBNHook':
             hook['precise_bn_batches'] = 0  # the config's own re-estimation would replace the EMA
+    for norm_cfg in (cfg.model.backbone.norm_cfg, cfg.model.neck.norm_cfg):
+        # the layer's default, so that the compensated EMA is tracked and can be evaluated
+        norm_cfg.pop('compensate_running_stats', None)
     cfg.default_hooks.checkpoint = None
     if not data_root:
         generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))

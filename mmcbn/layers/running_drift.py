@@ -75,16 +75,22 @@ class RunningDrift(ScratchTensors):
         if bias is not None:
             mean = mean + bias.detach().to(dtype)
         unbiased = num_positions / (num_positions - 1) if num_positions > 1 else 1.0
-        patch_per_channel = patch_mean.repeat_interleave(channels // groups, dim=0)
-        var_grad = (sqmean_grad - 2.0 * mean[:, None] * patch_per_channel).mul_(unbiased)
-        var_at_own = (var_grad * w).sum(1)
+        # var_grad = unbiased * (sqmean_grad - 2 mean_c p_group(c)): one fused pass over [C, K]
+        per_group = channels // groups
+        var_grad = torch.baddbmm(sqmean_grad.reshape(groups, per_group, -1),
+                                 mean.reshape(groups, per_group, 1), patch_mean.unsqueeze(1),
+                                 beta=unbiased, alpha=-2.0 * unbiased).reshape(channels, -1)
+        var_at_own = torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2)).reshape(channels)
         if self.empty or self.var_grad.shape != var_grad.shape:
             self.patch_mean = torch.zeros_like(patch_mean)
             self.var_grad = torch.zeros_like(var_grad)
             self.bias_weight = torch.zeros((), dtype=dtype, device=w.device)
             self.mean_at_own = torch.zeros_like(mean)
             self.var_at_own = torch.zeros_like(mean)
-        for ema, new in ((self.patch_mean, patch_mean), (self.var_grad, var_grad),
+        # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag);
+        # var_grad is ours, so the largest one is masked in place
+        self.var_grad.lerp_(torch.where(finite, var_grad, self.var_grad, out=var_grad), factor)
+        for ema, new in ((self.patch_mean, patch_mean),
                          (self.bias_weight, torch.ones_like(self.bias_weight)),
                          (self.mean_at_own, mean), (self.var_at_own, var_at_own)):
             ema.lerp_(torch.where(finite, new, ema), factor)
