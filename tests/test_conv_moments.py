@@ -16,6 +16,7 @@ CONV_SHAPES = [
     (8, 8, 1, 3, 1, 1, 1, False, 'zeros'),  # padded, strided 1x1
     (8, 8, (3, 1), (1, 2), (1, 0), 1, 4, False, 'zeros'),
     (4, 4, 3, 1, 1, 1, 1, True, 'reflect'),
+    (6, 264, 3, 2, 2, 2, 1, True, 'zeros'),  # wide, few positions: the im2col route on the CPU
 ]
 
 
@@ -24,13 +25,16 @@ def _conv(shape):
     return nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias, padding_mode=mode).double()
 
 
-@pytest.mark.parametrize('shape', CONV_SHAPES)
-def test_derivatives_match_autograd(shape):
+@pytest.mark.parametrize('shape', CONV_SHAPES + [(8, 24, 1, 1, 0, 1, 1, False, 'zeros')])
+@pytest.mark.parametrize('with_params', [False, True], ids=['from_y', 'with_params'])
+def test_derivatives_match_autograd(shape, with_params):
+    # with the parameters, the widening 1x1 convs take the Gram-matrix route
     torch.manual_seed(0)
     conv = _conv(shape)
     x = torch.randn(3, conv.in_channels, 9, 11, dtype=torch.float64) + 0.5
     y = conv(x)
-    patch_mean, sqmean_grad = moment_derivatives(x, y.detach(), ConvGeometry.of(conv))
+    params = (conv.weight, conv.bias) if with_params else ()
+    patch_mean, sqmean_grad = moment_derivatives(x, y.detach(), ConvGeometry.of(conv), *params)
     mean, sqmean = y.mean((0, 2, 3)), (y * y).mean((0, 2, 3))
     # mean_c and sqmean_c depend only on row c of the weight: row c of d(sum_c m_c)/dW is dm_c/dW_c
     dmean = torch.autograd.grad(mean.sum(), conv.weight, retain_graph=True)[0]

@@ -604,8 +604,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def _derivatives(self, conv_input: Tensor, output: Tensor) -> Tuple[Tensor, Tensor]:
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
-            return moment_derivatives(conv_input.detach(), output.detach(),
-                                      self.binding.geometry)
+            binding = self.binding
+            return moment_derivatives(conv_input.detach(), output.detach(), binding.geometry,
+                                      binding.weight, binding.bias)
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, batch_count, mean_bar, var_bar, count, finite):
