@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from mmengine.config import Config
 
 from mmcbn import CrossIterationBatchNorm2d, convert_cbn_to_bn
 from mmcbn.datasets import generate_shapes
@@ -41,6 +42,30 @@ def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
                                                                         out)
     assert 'precise statistics: 28 layers' in out  # backbone and FPN
     assert (tmp_path / 'compare_norms.png').stat().st_size > 1000
+
+
+def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp_path):
+    # the demo CBN config re-estimates its statistics instead (no compensated EMA); the comparison
+    # evaluates the compensated EMA itself, so its CBN runs must track it and not re-estimate
+    import importlib.util
+    from mmengine.registry import MODELS, init_default_scope
+    spec = importlib.util.spec_from_file_location('compare_norms',
+                                                  osp.join(ROOT, 'tools/compare_norms.py'))
+    compare_norms = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare_norms)
+    init_default_scope('mmdet')
+    demo = MODELS.build(Config.fromfile(osp.join(ROOT, compare_norms.CBN_CONFIG)).model)
+    assert not any(m.compensate_running_stats for m in _cbn_layers(demo))
+    for key, compensated in (('CBN-2', True), ('naive-CBN-2', False), ('BN-2', True)):
+        cfg = compare_norms.variant_config(key, 0, str(tmp_path))
+        layers = _cbn_layers(MODELS.build(cfg.model))
+        assert len(layers) == 28
+        assert all(m.compensate_running_stats == compensated for m in layers), key
+        assert all(h.get('precise_bn_batches', 0) == 0 for h in cfg.custom_hooks), key
+
+
+def _cbn_layers(model):
+    return [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
 
 
 def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):

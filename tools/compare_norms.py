@@ -115,7 +115,8 @@ def _with_data_root(cfg, root):
     cfg.val_evaluator.ann_file = cfg.test_evaluator.ann_file = root + 'val.json'
 
 
-def run_one(key, seed, work_dir, iters=None, data_root=None):
+def variant_config(key, seed, work_dir, iters=None, data_root=None):
+    """The config of one run: the variant's demo config with its edits, evaluated by this tool."""
     _, config, edits = VARIANTS[key]
     cfg = Config.fromfile(config)
     if iters:
@@ -134,6 +135,11 @@ def run_one(key, seed, work_dir, iters=None, data_root=None):
         # the layer's default, so that the compensated EMA is tracked and can be evaluated
         norm_cfg.pop('compensate_running_stats', None)
     cfg.default_hooks.checkpoint = None
+    return cfg
+
+
+def run_one(key, seed, work_dir, iters=None, data_root=None):
+    cfg = variant_config(key, seed, work_dir, iters, data_root)
     if not data_root:
         generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
     start = time.time()
