@@ -96,3 +96,21 @@ def test_missing_coco_gives_one_clear_error(tmp_path):
     assert 'Traceback' not in proc.stderr
     assert "instances_train2017.json' does not exist" in proc.stderr
     assert '--cfg-options train_dataloader.dataset.data_root=' in proc.stderr
+
+
+def test_demo_picture_draws_the_best_class_per_object():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo', osp.join(ROOT, 'tools', 'demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    bboxes = torch.tensor([[10., 10., 50., 50.],    # one object scored as three classes
+                           [11., 10., 50., 51.],
+                           [10., 12., 49., 50.],
+                           [100., 100., 140., 130.],  # a second object, apart
+                           [200., 10., 230., 40.]])  # below the threshold
+    scores = torch.tensor([0.35, 0.45, 0.32, 0.6, 0.2])
+    assert demo.objects_to_draw(bboxes, scores, score_thr=0.3).tolist() == [3, 1]
+    assert demo.objects_to_draw(bboxes, scores, score_thr=0.7).tolist() == []
+    # boxes that overlap by less than the IoU limit are different objects
+    apart = torch.tensor([[0., 0., 10., 10.], [6., 0., 16., 10.]])  # IoU 4/16
+    assert sorted(demo.objects_to_draw(apart, torch.tensor([0.5, 0.4])).tolist()) == [0, 1]

@@ -37,8 +37,24 @@ class KeepValMetrics(Hook):
         self.metrics = dict(metrics or {})
 
 
-def draw_predictions(model, dataset, indices, score_thr=0.5, cell=192):
-    """A grid of validation images with predicted masks, boxes and class names (RGB uint8)."""
+def objects_to_draw(bboxes, scores, score_thr=0.3, iou_thr=0.5):
+    """Indices of the detections worth drawing, highest score first.
+
+    Those scoring at least ``score_thr``; of detections that overlap by more than ``iou_thr``
+    (IoU), whatever their classes, only the best: a young detector splits one object's score over
+    several classes, and drawing every class's box would hide the object under three labels.
+    """
+    from mmcv.ops import nms
+    candidates = torch.nonzero(scores >= score_thr).flatten()
+    if candidates.numel() == 0:
+        return candidates
+    _, keep = nms(bboxes[candidates].float(), scores[candidates].float(), iou_thr)
+    return candidates[keep]
+
+
+def draw_predictions(model, dataset, indices, score_thr=0.3, cell=192):
+    """A grid of validation images with predicted masks, boxes and class names (RGB uint8): per
+    object the best class scoring at least ``score_thr`` (:func:`objects_to_draw`)."""
     import cv2
     from mmengine.dataset import pseudo_collate
     cells = []
@@ -49,7 +65,7 @@ def draw_predictions(model, dataset, indices, score_thr=0.5, cell=192):
             result = model.test_step(data)[0]
             img = cv2.cvtColor(cv2.imread(result.img_path), cv2.COLOR_BGR2RGB)
             inst = result.pred_instances
-            keep = inst.scores >= score_thr
+            keep = objects_to_draw(inst.bboxes, inst.scores, score_thr)
             for box, label, mask, score in zip(inst.bboxes[keep], inst.labels[keep],
                                                inst.masks[keep], inst.scores[keep]):
                 colour = PALETTE[int(label)]
