@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
+from mmcbn.engine.precise_stats import recompute_running_stats
 
 
 def make_gratings(num, size=32, seed=0):
@@ -56,22 +57,10 @@ def accuracy(net, images, labels):
 
 
 def reestimate(net, images, batch=32, batches=40):
-    """Population statistics at the final weights: cumulative average of plain batch statistics."""
-    norms = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [(m.momentum, getattr(m, 'effective_window', None)) for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        if isinstance(m, CrossIterationBatchNorm2d):
-            m.effective_window = 1
-            m.compensate_running_stats = False
-    with torch.no_grad():
-        for i in range(batches):
-            net(images[(i * batch) % len(images):][:batch])
-    for m, (momentum, window) in zip(norms, saved):
-        m.momentum = momentum
-        if window is not None:
-            m.effective_window = window
+    """Population statistics at the current weights over ``batches`` training batches (precise BN,
+    the estimator ``CBNHook(precise_bn_batches=...)`` uses)."""
+    chunks = (images[(i * batch) % len(images):][:batch] for i in range(batches))
+    recompute_running_stats(net, chunks, lambda model, x: model(x), batches)
 
 
 def evaluate_three_ways(net, train_x, test_x, test_y):
