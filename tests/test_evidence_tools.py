@@ -44,15 +44,19 @@ def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
     assert (tmp_path / 'compare_norms.png').stat().st_size > 1000
 
 
+def _tool(name):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', f'{name}.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp_path):
     # the demo CBN config re-estimates its statistics instead (no compensated EMA); the comparison
     # evaluates the compensated EMA itself, so its CBN runs must track it and not re-estimate
-    import importlib.util
     from mmengine.registry import MODELS, init_default_scope
-    spec = importlib.util.spec_from_file_location('compare_norms',
-                                                  osp.join(ROOT, 'tools/compare_norms.py'))
-    compare_norms = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare_norms)
+    compare_norms = _tool('compare_norms')
     init_default_scope('mmdet')
     demo = MODELS.build(Config.fromfile(osp.join(ROOT, compare_norms.CBN_CONFIG)).model)
     assert not any(m.compensate_running_stats for m in _cbn_layers(demo))
@@ -66,6 +70,24 @@ def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp
 
 def _cbn_layers(model):
     return [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+
+
+def test_compare_running_stats_reestimates_population_statistics():
+    tool = _tool('compare_running_stats')
+    torch.manual_seed(0)
+    net = tool.make_net()
+    net = tool.convert_bn_to_cbn(net, window_size=4, compensate_running_stats=True)
+    images = torch.randn(24, 3, 16, 16) * 2 + 1
+    images[8:16] += 3  # unequal batches: the population variance has a between-batch part
+    tool.reestimate(net, images, batch=8, batches=3)  # every image once
+    first = net[1]
+    with torch.no_grad():
+        y = net[0](images).double()
+    torch.testing.assert_close(first.running_mean.double(), y.mean((0, 2, 3)), rtol=1e-5,
+                               atol=1e-5)
+    population_var = y.transpose(0, 1).reshape(y.shape[1], -1).var(1, unbiased=True)
+    torch.testing.assert_close(first.running_var.double(), population_var, rtol=1e-5, atol=1e-5)
+    assert first.training and first.effective_window == 4  # the pass leaves the layer as it was
 
 
 def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):
