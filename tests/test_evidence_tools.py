@@ -11,6 +11,7 @@ from mmengine.config import Config
 
 from mmcbn import CrossIterationBatchNorm2d, convert_cbn_to_bn
 from mmcbn.datasets import generate_shapes
+from tool_modules import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 
@@ -44,19 +45,11 @@ def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
     assert (tmp_path / 'compare_norms.png').stat().st_size > 1000
 
 
-def _tool(name):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(name, osp.join(ROOT, 'tools', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp_path):
     # the demo CBN config re-estimates its statistics instead (no compensated EMA); the comparison
     # evaluates the compensated EMA itself, so its CBN runs must track it and not re-estimate
     from mmengine.registry import MODELS, init_default_scope
-    compare_norms = _tool('compare_norms')
+    compare_norms = load_tool('compare_norms')
     init_default_scope('mmdet')
     demo = MODELS.build(Config.fromfile(osp.join(ROOT, compare_norms.CBN_CONFIG)).model)
     assert not any(m.compensate_running_stats for m in _cbn_layers(demo))
@@ -73,7 +66,7 @@ def _cbn_layers(model):
 
 
 def test_compare_running_stats_reestimates_population_statistics():
-    tool = _tool('compare_running_stats')
+    tool = load_tool('compare_running_stats')
     torch.manual_seed(0)
     net = tool.make_net()
     net = tool.convert_bn_to_cbn(net, window_size=4, compensate_running_stats=True)

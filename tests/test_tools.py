@@ -11,6 +11,7 @@ import torch
 
 from dist_utils import free_port
 from mmcbn.datasets import generate_shapes
+from tool_modules import load_tool
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO_CFG = osp.join(ROOT, 'configs', 'demo', 'mask-rcnn_r18_fpn_cbn_shapes.py')
@@ -99,10 +100,7 @@ def test_missing_coco_gives_one_clear_error(tmp_path):
 
 
 def test_demo_picture_draws_the_best_class_per_object():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('demo', osp.join(ROOT, 'tools', 'demo.py'))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+    demo = load_tool('demo')
     bboxes = torch.tensor([[10., 10., 50., 50.],    # one object scored as three classes
                            [11., 10., 50., 51.],
                            [10., 12., 49., 50.],

@@ -141,15 +141,17 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     num_positions = n * ho * wo
     g = geometry.groups
     _, cin_g, kh, kw = geometry.weight_shape
-    if (weight is not None and full_precision_y and (kh, kw) == (1, 1) and g == 1
-            and tuple(padding) == (0, 0) and cin_g < c_out):
-        return _widening_1x1_derivatives(x, geometry, weight, bias, ho, wo)
+    # an unpadded 1x1 conv's patch is a strided pixel of its input
+    pixels = (x[:, :, ::geometry.stride[0], ::geometry.stride[1]][:, :, :ho, :wo]
+              if (kh, kw) == (1, 1) and tuple(padding) == (0, 0) else None)
+    if (pixels is not None and weight is not None and full_precision_y and g == 1
+            and cin_g < c_out):
+        return _widening_1x1_derivatives(pixels, weight, bias)
     # scaling the small result instead of grad_y saves a pass over the output
     sqmean_grad = _output_patch_product(y, x, geometry, padding).mul_(2.0 / num_positions)
     # d mean / d W: the mean patch.
-    if (kh, kw) == (1, 1) and tuple(padding) == (0, 0):  # a 1x1 patch is a strided pixel
-        sh, sw = geometry.stride
-        patch_mean = x[:, :, ::sh, ::sw][:, :, :ho, :wo].mean((0, 2, 3))
+    if pixels is not None:
+        patch_mean = pixels.mean((0, 2, 3))
     else:  # summing x over the batch first makes it a conv with one output channel per group
         ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)
         patch_mean = _weight_grad(ones, x.sum(0, keepdim=True), (g, cin_g, kh, kw), geometry, g,
@@ -157,23 +159,23 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
 
 
-def _widening_1x1_derivatives(x: Tensor, geometry: ConvGeometry, weight: Tensor,
-                              bias: Optional[Tensor], ho: int, wo: int) -> Tuple[Tensor, Tensor]:
-    """``moment_derivatives`` of an ungrouped, unpadded 1x1 conv from the input's Gram matrix.
+def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor,
+                              bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """``moment_derivatives`` of an ungrouped, unpadded 1x1 conv from the input's Gram matrix;
+    ``pixels``: the input at the output positions, ``[N, K, Ho, Wo]``.
 
     At every position ``y = W p + b``, so ``(2/M) sum(y p^T) = 2 W G + 2 b mean(p)^T`` with
     ``G = (1/M) sum(p p^T)``: ``M K^2`` multiply-adds instead of ``M K C``, fewer when ``K < C``
     (the bottleneck's last conv and the downsample shortcut widen 4x or 2x).
     """
-    sh, sw = geometry.stride
-    patches = x[:, :, ::sh, ::sw][:, :, :ho, :wo].permute(0, 2, 3, 1).reshape(-1, x.shape[1])
+    patches = pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
     num_positions = patches.shape[0]
     patch_mean = patches.mean(0, keepdim=True)  # [1, K]
     gram = patches.t().mm(patches).div_(num_positions)
-    w = weight.detach().to(x.dtype).reshape(weight.shape[0], -1)
+    w = weight.detach().to(patches.dtype).reshape(weight.shape[0], -1)
     sqmean_grad = w.mm(gram)
     if bias is not None:
-        sqmean_grad.addr_(bias.detach().to(x.dtype), patch_mean[0])
+        sqmean_grad.addr_(bias.detach().to(patches.dtype), patch_mean[0])
     return patch_mean, sqmean_grad.mul_(2.0)
 
 
