@@ -11,12 +11,14 @@ import torch.nn.functional as F
 class ReferenceCBN:
 
     def __init__(self, conv, gamma, beta, window_size, eps=1e-5, compensation=True, momentum=0.1,
-                 running_stats_source='batch'):
+                 running_stats_source='batch', window_grad=False):
         self.conv, self.gamma, self.beta = conv, gamma, beta
         self.window_size, self.eps, self.compensation, self.momentum = (window_size, eps,
                                                                         compensation, momentum)
         self.running_stats_source = running_stats_source
+        self.window_grad = window_grad  # autograd through the compensated entries' current weights
         self.history = []  # newest last
+        self.num_clamped = 0  # compensated entries whose second moment fell below mean^2
         self.running_mean = torch.zeros(conv.out_channels, dtype=torch.float64)
         self.running_var = torch.ones(conv.out_channels, dtype=torch.float64)
 
@@ -35,10 +37,12 @@ class ReferenceCBN:
             if self.compensation:
                 for p, p_old, g_mu, g_nu in zip(params, entry['params'], entry['dmu'],
                                                 entry['dnu']):
-                    delta = (p.detach() - p_old).reshape(p.shape[0], -1)
+                    current = p if self.window_grad else p.detach()
+                    delta = (current - p_old).reshape(p.shape[0], -1)
                     mu_hat = mu_hat + (g_mu.reshape(p.shape[0], -1) * delta).sum(1)
                     nu_hat = nu_hat + (g_nu.reshape(p.shape[0], -1) * delta).sum(1)
             mus.append(mu_hat)
+            self.num_clamped += int((nu_hat < mu_hat * mu_hat).sum())
             nus.append(torch.maximum(nu_hat, mu_hat * mu_hat))
         k = len(mus)
         mu_bar = torch.stack(mus).mean(0)

@@ -19,10 +19,10 @@ def _data(steps=STEPS):
     return xs, targets
 
 
-def _model(window_size, sync):
+def _model(window_size, sync, window_grad=True):
     torch.manual_seed(0)
     conv = nn.Conv2d(3, 6, 3, padding=1)
-    cbn = CrossIterationBatchNorm2d(6, window_size=window_size, sync=sync)
+    cbn = CrossIterationBatchNorm2d(6, window_size=window_size, sync=sync, window_grad=window_grad)
     with torch.no_grad():
         cbn.weight.uniform_(0.5, 1.5)
         cbn.bias.uniform_(-0.5, 0.5)
@@ -51,18 +51,21 @@ def _run(conv, cbn, xs, targets, rows=slice(None), reduce=lambda t: t):
     return record
 
 
-def _sync_worker(rank, world_size, window_size, path):
-    conv, cbn = _model(window_size, sync=True)
+def _sync_worker(rank, world_size, window_size, window_grad, path):
+    conv, cbn = _model(window_size, sync=True, window_grad=window_grad)
     xs, targets = _data()
     reduce = lambda g: (dist.all_reduce(g), g)[1]  # noqa: E731  (sum of per-image losses)
     record = _run(conv, cbn, xs, targets, rows=slice(rank, rank + 1), reduce=reduce)
     torch.save(record, f'{path}/rank{rank}.pt')
 
 
-@pytest.mark.parametrize('window_size', [1, 3])
-def test_synchronised_cbn_on_2x1_images_equals_one_process_on_2(tmp_path, window_size):
-    run_in_processes(_sync_worker, 2, window_size, str(tmp_path))
-    conv, cbn = _model(window_size, sync=False)
+@pytest.mark.parametrize('window_size, window_grad', [(1, True), (3, True), (3, False)])
+def test_synchronised_cbn_on_2x1_images_equals_one_process_on_2(tmp_path, window_size,
+                                                                 window_grad):
+    """Outputs, input and every parameter gradient (the conv's, through the window entries with
+    ``window_grad``) of 2 processes on 1 image each equal one process on both."""
+    run_in_processes(_sync_worker, 2, window_size, window_grad, str(tmp_path))
+    conv, cbn = _model(window_size, sync=False, window_grad=window_grad)
     xs, targets = _data()
     if window_size == 1:  # k = 1 is SyncBatchNorm: compare with BN on the whole batch
         bn = nn.BatchNorm2d(6)
@@ -78,7 +81,9 @@ def test_synchronised_cbn_on_2x1_images_equals_one_process_on_2(tmp_path, window
         torch.testing.assert_close(got_xgrad, exp['x_grad'], **tol, msg=f'input grad, step {step}')
         for r in range(2):
             for g, e in zip(ranks[r][step]['grads'], exp['grads']):
-                torch.testing.assert_close(g, e, **tol, msg=f'param grad, step {step}')
+                # the conv bias's gradient is 0 up to the rounding of a sum over positions
+                torch.testing.assert_close(g, e, rtol=1e-5, atol=5e-5,
+                                           msg=f'param grad, step {step}')
             torch.testing.assert_close(ranks[r][step]['running_mean'], exp['running_mean'], **tol)
             torch.testing.assert_close(ranks[r][step]['running_var'], exp['running_var'], **tol)
 

@@ -114,7 +114,7 @@ def test_resume_continues_the_schedule_exactly(tmp_path):
     for i in range(4, 8):
         assert rec_resumed.windows[i] == rec_full.windows[i]
     # the window refills: after resume at iteration 4 it holds at most the entries since then
-    assert len(resumed.model.bn1._window) == min(4, resumed.model.bn1.window_size - 1)
+    assert len(resumed.model.bn1._window) == min(4, resumed.model.bn1.window_size)
 
 
 def test_checkpoint_loads_into_a_batchnorm_model(tmp_path):

@@ -19,12 +19,13 @@ CONV_SHAPES = [
 
 
 def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
-                             running_stats_source='batch'):
-    torch.manual_seed(0)
+                             running_stats_source='batch', window_grad=True, seed=0):
+    torch.manual_seed(seed)
     cin, cout, k, s, p, d, g, bias = shape
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
     cbn = CrossIterationBatchNorm2d(cout, window_size=window_size, compensation=compensation,
-                                    running_stats_source=running_stats_source).double()
+                                    running_stats_source=running_stats_source,
+                                    window_grad=window_grad).double()
     nn.init.uniform_(cbn.weight, 0.5, 1.5)
     nn.init.uniform_(cbn.bias, -0.5, 0.5)
     if bind:
@@ -33,7 +34,7 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
     gamma = cbn.weight.detach().clone().requires_grad_()
     beta = cbn.bias.detach().clone().requires_grad_()
     ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation,
-                       running_stats_source=running_stats_source)
+                       running_stats_source=running_stats_source, window_grad=window_grad)
     opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
     opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=lr)
     for step in range(steps):
@@ -59,16 +60,42 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
         torch.testing.assert_close(cbn.running_var, ref.running_var, **close)
         opt.step()
         opt_ref.step()
+    cbn.reference = ref
     return cbn
 
 
 @pytest.mark.parametrize('shape', CONV_SHAPES)
-@pytest.mark.parametrize('window_size', [2, 4])
+@pytest.mark.parametrize('window_size', [2, 3, 5])
 @pytest.mark.parametrize('bind', [True, False], ids=['bound', 'lazy'])
-def test_matches_float64_reference(shape, window_size, bind):
-    cbn = _train_against_reference(shape, window_size, True, bind)
+@pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
+def test_matches_float64_reference(shape, window_size, bind, window_grad):
+    """Outputs, statistics and every gradient (input, conv weight and bias, affine) over SGD
+    steps: with ``window_grad`` autograd through the compensated entries to the current conv
+    parameters, without it the paper's constants."""
+    cbn = _train_against_reference(shape, window_size, True, bind, steps=window_size + 3,
+                                   window_grad=window_grad)
     assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
     assert cbn.binding is not None
+
+
+@pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
+def test_clamped_entries_match_float64_reference(window_grad):
+    """Large steps push compensated second moments below the squared mean: the clamp's gradient
+    is autograd's of max(sqmean_hat, mean_hat^2)."""
+    cbn = _train_against_reference(CONV_SHAPES[0], 5, True, True, steps=10, lr=2.0,
+                                   window_grad=window_grad)
+    assert cbn.reference.num_clamped > 0
+
+
+def test_window_grad_changes_the_conv_gradient():
+    """The two modes differ exactly in the conv's gradient, so each reference test above can fail
+    for the other mode."""
+    grads = []
+    for window_grad in (True, False):
+        cbn = _train_against_reference(CONV_SHAPES[0], 3, True, True, steps=3,
+                                       window_grad=window_grad)
+        grads.append(cbn.binding.weight.grad.clone())
+    assert (grads[0] - grads[1]).abs().max() > 1e-3 * grads[1].abs().max()
 
 
 @pytest.mark.parametrize('source', ['window', 'batch'])
@@ -168,7 +195,8 @@ def test_frozen_conv_skips_derivatives_and_window_memory_budget():
     for _ in range(4):
         cbn(conv(torch.randn(2, 16, 8, 8)))
     weight_floats = conv.weight.numel()
-    assert cbn.window_nbytes() / 4 <= 1.1 * 3 * weight_floats
+    # one weight-sized derivative per slot: window_size slots (the entries and this iteration's)
+    assert cbn.window_nbytes() / 4 <= 1.1 * 4 * weight_floats
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -294,7 +322,7 @@ def test_reset_running_stats_clears_the_window():
     cbn = CrossIterationBatchNorm2d(8, window_size=3)
     for _ in range(3):
         cbn(conv(torch.randn(2, 3, 8, 8)))
-    assert len(cbn._window) == 2
+    assert len(cbn._window) == 3  # two entries and this iteration's
     cbn.reset_running_stats()
     assert len(cbn._window) == 0 and cbn._window.mean is None
     assert torch.equal(cbn.running_mean, torch.zeros(8))
@@ -339,5 +367,5 @@ def test_same_batch_after_an_optimizer_step_is_a_new_iteration():
     for _ in range(3):
         cbn(conv(x)).square().mean().backward()
         opt.step()
-    assert len(cbn._window) == 2 and all(cbn._window.compensable[s] for s in cbn._window.committed)
+    assert len(cbn._window) == 3 and all(cbn._window.compensable[s] for s in cbn._window.committed)
     assert cbn.window_stats()['mean'].shape[0] == 2

@@ -13,6 +13,9 @@ where the derivatives were taken, an entry recorded at old weights is moved to t
 
 * ``mean_hat = <patch_mean, W_t> + b_t``                           (exact),
 * ``sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old``  (first-order Taylor).
+
+Both are linear in ``(W_t, b_t)``; :func:`compensation_backward` is their adjoint, which carries a
+gradient through the compensated entries to the current conv parameters.
 """
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -213,3 +216,29 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
     d_mean = mean_hat - mean
     var_hat = var + d_sqmean - d_mean * (mean_hat + mean)
     return mean_hat, var_hat.clamp_min(0.0) if clamp else var_hat
+
+
+def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, patch_mean: Tensor,
+                          sqmean_grad: Tensor) -> Tuple[Tensor, Tensor]:
+    """The gradient of the compensated moments w.r.t. the current conv weight and bias.
+
+    The adjoint of :func:`compensate` in the (mean, second moment) form: ``mean_hat = <p, W_c> + b_c``
+    and ``sqmean_hat = <g_c, W_c> + 2 * mean_old * b_c - sqmean_old``.
+
+    Args:
+        grad_mean, grad_sqmean: ``[E, C]`` gradients w.r.t. each entry's ``mean_hat`` and
+            ``sqmean_hat`` (zero for entries that are not compensated).
+        mean: ``[E, C]`` the entries' recorded means (finite).
+        patch_mean, sqmean_grad: ``[groups, E, K]`` and ``[C, E, K]``, as for :func:`compensate`.
+
+    Returns:
+        The weight gradient ``[C, K]`` and the bias gradient ``[C]``.
+    """
+    groups, num_entries, k = patch_mean.shape
+    channels = sqmean_grad.shape[0]
+    # [g, C/g, E] @ [g, E, K] -> [g, C/g, K]; then + [C, 1, E] @ [C, E, K]
+    grad_weight = torch.bmm(grad_mean.t().reshape(groups, channels // groups, num_entries),
+                            patch_mean).reshape(channels, 1, k)
+    grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad)
+    grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean, value=2.0).sum(0)
+    return grad_weight.reshape(channels, k), grad_bias

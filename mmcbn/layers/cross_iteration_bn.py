@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -12,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
                       input_contradicts_binding)
 from .conv_moments import compensate, moment_derivatives, output_moments
-from .distributed import all_reduce_sum, is_distributed, pool_moments
+from .distributed import is_distributed, pool_moments
+from .normalize import NormalizeWithWindow, WindowGradTerms
 from .running_drift import RunningDrift
 from ..utils.validation import check_int, check_number
 from .window import MomentWindow
@@ -20,79 +22,17 @@ from .window import MomentWindow
 RUNNING_STATS_SOURCES = ('window', 'batch')
 
 
-class _NormalizeWithWindow(torch.autograd.Function):
-    """``out = weight * (x - mean) / sqrt(var + eps) + bias`` with ``mean``/``var`` pooled from the
-    current batch (``M`` positions) and the window, ``k = count / M`` batches in all.
-
-    ``mean`` and ``var`` are passed as constants; the gradient through the current batch's share of
-    them is BN's with the batch size ``M`` replaced by ``k * M`` (the window's entries are constants):
-
-        dx = weight * invstd * (dy - sum(dy) / (kM) - xhat * sum(dy * xhat) / (kM))
-           = BN_backward(dy) / k + (1 - 1/k) * weight * invstd * dy
-
-    so both directions run on torch's fused BatchNorm kernels (eval-mode forward with our statistics,
-    training-mode backward with them as the saved statistics) plus one elementwise pass. With a
-    process group (synchronised CBN), ``M`` counts every process's positions and the two sums are
-    all-reduced, as in SyncBatchNorm.
-    """
-
-    @staticmethod
-    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
-                var: Tensor, inv_k: Optional[Tensor], eps: float, sync_count: Optional[Tensor],
-                group) -> Tensor:
-        ctx.eps, ctx.group = eps, group
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count)
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
-                                torch.backends.cudnn.enabled)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd, inv_k, sync_count = ctx.saved_tensors
-        grad_out = grad_out.contiguous()
-        need_x = ctx.needs_input_grad[0]
-        need_w = weight is not None and ctx.needs_input_grad[1]
-        need_b = ctx.needs_input_grad[2]
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
-        if sync_count is None:
-            grad_x, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps,
-                [need_x, need_w, need_b])
-            if grad_x is not None and inv_k is not None:
-                coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
-                grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
-            return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
-        # synchronised: the eval-mode kernel gives the local sums (grad_bias = sum(dy),
-        # grad_weight = sum(dy * xhat)); the input gradient needs them summed over processes
-        var = invstd.reciprocal().square() - ctx.eps
-        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, torch.ones_like(invstd), mean, var, None, None, False, ctx.eps,
-            [False, True, True])
-        grad_weight = sum_dy_xhat.to(weight.dtype) if need_w else None
-        grad_bias = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) \
-            if need_b else None
-        grad_x = None
-        if need_x:
-            sums = all_reduce_sum(torch.cat([sum_dy, sum_dy_xhat]).to(invstd.dtype), ctx.group)
-            c = invstd.shape[0]
-            n = sync_count / inv_k if inv_k is not None else sync_count  # k * M over processes
-            a = scale  # dx = a * dy + b * (x - mean) + c0
-            b = -scale * invstd * sums[c:] / n
-            c0 = -scale * sums[:c] / n - b * mean
-            grad_x = torch.addcmul(c0.to(grad_out.dtype)[None, :, None, None], grad_out,
-                                   a.to(grad_out.dtype)[None, :, None, None])
-            grad_x = grad_x.addcmul_(x.to(grad_x.dtype), b.to(grad_x.dtype)[None, :, None, None])
-        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
-
-
 @dataclass
 class _IterationState:
-    """What a layer computes once per iteration: its window compensated to the current weights."""
+    """What a layer computes once per iteration: its window at the current weights, in slot order
+    (``S`` slots; a slot that is not used has weight 0)."""
     iteration: Optional[int]
-    mean: Tensor  # [E, C], entries newest first
-    var: Tensor  # [E, C]
-    weight: Tensor  # [E], 1 for a usable entry, 0 for one from a non-finite batch
-    raw_mean: Tensor  # [E, C], as recorded
-    raw_var: Tensor
+    slots: List[int]  # the used entries' slots, newest first (host bookkeeping, for window_stats)
+    mean: Optional[Tensor] = None  # [S, C] each slot's entry, compensated (None: no entries)
+    var: Optional[Tensor] = None  # [S, C], clamped at 0
+    weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
+    num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
+    grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
     weight_version: Optional[int] = None  # the bound conv weight's version counter
     calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
 
@@ -118,7 +58,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
         mean = avg_i mean_i,  var = avg_i (var_i + mean_i^2) - mean^2
 
-    Earlier entries are constants (no gradient flows into past iterations). With an effective window
+    A compensated entry is a function of the conv's current weights; with ``window_grad`` the
+    backward follows it there (past iterations still get no gradient), without it the entries are
+    constants, as in the paper. With an effective window
     of 1 the layer is exactly ``nn.BatchNorm2d``; in eval mode it is a BatchNorm with running
     statistics, so a CBN checkpoint loads into a BN model and inference costs the same.
 
@@ -147,6 +89,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             Default: 4.
         compensation: compensate earlier entries for the weight change; False gives naive CBN (the
             ablation baseline). Default: True.
+        window_grad: pass the gradient through the compensated entries to the bound conv's current
+            weight and bias (beyond the paper, which treats them as constants: measured to train
+            stably at windows 8-16 and without burn-in where the constants do not; see
+            docs/evidence.md). Costs one small batched product per layer in the backward and one
+            more window slot. Default: True.
         running_stats_source: ``'batch'`` updates the running statistics from the current batch
             alone, as BN does; ``'window'`` from the window estimate. ``'batch'`` measured as good or
             better at batch 2 (``tools/compare_running_stats.py``, see the README). Default:
@@ -180,6 +127,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  sync: bool = False,
                  process_group=None,
                  compensate_running_stats: Optional[bool] = None,
+                 window_grad: bool = True,
                  device=None,
                  dtype=None) -> None:
         check_int('num_features', num_features, 1)
@@ -189,7 +137,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if not 0.0 <= momentum <= 1.0:
                 raise ValueError(f'momentum must be None or in [0, 1], got {momentum}')
         for name, value in (('affine', affine), ('track_running_stats', track_running_stats),
-                            ('compensation', compensation), ('sync', sync)):
+                            ('compensation', compensation), ('sync', sync),
+                            ('window_grad', window_grad)):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be True or False, got {value!r}')
         check_int('window_size', window_size, 1)
@@ -212,13 +161,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.sync = sync
         self.process_group = process_group
         self.compensate_running_stats = compensate_running_stats
+        self.window_grad = window_grad
         self._drift = RunningDrift()
         self._effective_window = window_size
         #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
         self.iteration: Optional[int] = None
         #: The layer's name in its model, for logs and warnings (set by the binders).
         self.layer_name: str = ''
-        self._window = MomentWindow(window_size - 1)
+        # one slot more than the entries in use: this iteration's record never overwrites an entry
+        # the iteration reads (its backward still needs them)
+        self._window = MomentWindow(window_size if window_size > 1 else 0)
         self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
         self._unbound_reason: Optional[str] = None
         self._captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
@@ -364,13 +316,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``raw_var`` (as recorded), ``valid`` (``[E]``) and ``age`` (iterations back, ``[E]``).
         """
         state = self._state
-        if state is None:
+        if state is None or state.mean is None or not state.slots:
             empty = torch.zeros(0, self.num_features)
             return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty,
                         valid=torch.zeros(0), age=torch.zeros(0, dtype=torch.long))
-        return dict(mean=state.mean.clone(), var=state.var.clone(), raw_mean=state.raw_mean.clone(),
-                    raw_var=state.raw_var.clone(), valid=state.weight.clone(),
-                    age=torch.arange(1, state.mean.shape[0] + 1))
+        window = self._window
+        idx = torch.tensor(state.slots, device=state.mean.device)
+        return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
+                    raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
+                    valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
+                    age=torch.arange(1, len(state.slots) + 1))
 
     def window_nbytes(self) -> int:
         """Bytes held by the window (scratch state, not in the state dict)."""
@@ -407,6 +362,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def extra_repr(self) -> str:
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
                 f'compensation={self.compensation}' + (', sync=True' if self.sync else '') +
+                ('' if self.window_grad else ', window_grad=False') +
                 ('' if self.compensate_running_stats else ', compensate_running_stats=False'))
 
     # ------------------------------------------------------------------ forward
@@ -495,37 +451,59 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return False, None
         return True, conv_input_from_graph(input, binding)
 
-    def _start_iteration(self, compensate_now: bool, stats_dtype, device,
-                         sync: bool) -> _IterationState:
+    def _start_iteration(self, compensate_now: bool, sync: bool) -> _IterationState:
+        """The window's entries at the current weights, in slot order, for every call this
+        iteration: device tensors only, no host sync."""
         window = self._window
         window.commit_pending()
         slots = window.recent(self._effective_window - 1)
+        state = _IterationState(self.iteration, slots)
         if not slots:
-            empty = torch.zeros(0, self.num_features, dtype=stats_dtype, device=device)
-            return _IterationState(self.iteration, empty, empty, empty[:, 0], empty, empty)
-        idx = torch.tensor(slots, device=window.mean.device)
-        raw_mean, raw_var, weight = window.mean[idx], window.var[idx], window.valid[idx]
-        mean, var = raw_mean, raw_var
+            return state
+        use = window.in_window(len(slots))  # [S]
+        mean, var = window.mean, window.var
+        share = None
         binding = self.binding
-        if compensate_now and binding is not None and any(window.compensable[s] for s in slots):
-            # every slot at once (one batched product over the stored derivatives, no gather);
-            # clamped after pooling over processes when synchronised (no-op otherwise)
-            with torch.no_grad():
+        compensated = [window.compensable[s] for s in slots]
+        if compensate_now and binding is not None and any(compensated):
+            with torch.no_grad():  # every slot at once: one batched product, no gather
                 mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
                                                window.sqmean_grad, binding.weight, binding.bias,
                                                clamp=False)
-                use_hat = window.compensable_mask[idx, None] > 0
-                mean = torch.where(use_hat, mean_hat[idx], raw_mean)
-                var = torch.where(use_hat, var_hat[idx], raw_var)
-        usable = weight[:, None] > 0
-        mean = torch.where(usable, mean, torch.zeros_like(mean))
-        var = torch.where(usable, var, torch.zeros_like(var))
-        if sync:
-            counts = weight * torch.tensor([float(window.num_positions[s]) for s in slots],
-                                           dtype=weight.dtype, device=weight.device)
-            mean, var, counts = pool_moments(mean, var, counts, self.process_group)
-            weight = (counts > 0).to(weight.dtype)
-        return _IterationState(self.iteration, mean, var.clamp_min(0.0), weight, raw_mean, raw_var)
+            if all(compensated):
+                mean, var, share = mean_hat, var_hat, use
+            else:
+                use_hat = window.compensable_mask[:, None] > 0
+                mean = torch.where(use_hat, mean_hat, mean)
+                var = torch.where(use_hat, var_hat, var)
+                share = use * window.compensable_mask
+        if sync:  # pooled before the clamp, so the clamp sees the entry of all processes
+            counts = use * window.positions
+            mean, var, pooled = pool_moments(mean, var, counts, self.process_group)
+            use = (pooled > 0).to(use.dtype)
+            if share is not None:
+                share = share * window.positions / pooled.clamp_min(1.0)
+        if share is not None and self.window_grad:
+            state.grad_terms = WindowGradTerms(share, mean, var < 0, window.mean,
+                                               window.patch_mean, window.sqmean_grad)
+        state.mean, state.var = mean, var.clamp_min(0.0)
+        weights = F.pad(use, (1, 0), value=1.0)
+        state.num_entries = weights.sum()
+        state.weights = weights / state.num_entries
+        return state
+
+    def _window_average(self, state: _IterationState, mean: Tensor,
+                        var: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The current batch's statistics averaged with the window's entries (the current batch's
+        share of the average, ``1/k``, last; None without entries)."""
+        if state.mean is None:
+            return mean, var, None
+        means = torch.cat([mean[None], state.mean])
+        mean_bar = state.weights @ means
+        # var = avg(var_i + mean_i^2) - mean^2, written about mean_bar (no cancellation)
+        var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(
+            means - mean_bar, means - mean_bar)
+        return mean_bar, var_bar, state.weights[0]
 
     def _forward_window(self, input: Tensor) -> Tensor:
         if self.iteration is None:
@@ -535,7 +513,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensate_now = usable and self.compensation
         sync = self._sync_now()
         num_positions = input.numel() // input.shape[1]
-        with torch.no_grad():
+        # statistics in float32 or wider: autocast would run the window's products in half
+        full_precision = torch.autocast(input.device.type, enabled=False)
+        with torch.no_grad(), full_precision:
             local_mean, local_var = output_moments(input)
             if sync:
                 mean, var, total = pool_moments(local_mean, local_var,
@@ -543,7 +523,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                                 self.process_group)
             else:
                 mean, var, total = local_mean, local_var, None
-        finite = torch.isfinite(torch.cat([mean, var])).all()  # stays on the device: no sync
+            # a non-finite value anywhere makes the variance non-finite; stays on the device
+            finite = var.sum().isfinite()
 
         state = self._state
         # A recomputation happens before the optimizer step: an in-place update of the bound conv's
@@ -553,22 +534,21 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             state.weight_version in (None, self._weight_version()))
         recompute = same_iteration and state.seen(local_mean, local_var)
         if not recompute and (self.iteration is None or not same_iteration):
-            state = self._state = self._start_iteration(compensate_now, mean.dtype, mean.device,
-                                                        sync)
+            with full_precision:
+                state = self._state = self._start_iteration(compensate_now, sync)
             state.weight_version = self._weight_version()
 
-        with torch.no_grad():
-            w = state.weight[:, None]
-            count = 1.0 + state.weight.sum()
-            mean_bar = (mean + (w * state.mean).sum(0)) / count
-            var_bar = (var + (mean - mean_bar)**2 +
-                       (w * (state.var + (state.mean - mean_bar)**2)).sum(0)) / count
-        if num_positions == 1 and state.mean.shape[0] == 0 and not sync:
+        with torch.no_grad(), full_precision:
+            mean_bar, var_bar, inv_k = self._window_average(state, mean, var)
+        if num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
-        out = _NormalizeWithWindow.apply(input, self.weight, self.bias, mean_bar, var_bar,
-                                         1.0 / count if state.mean.shape[0] else None, self.eps,
-                                         total, self.process_group if sync else None)
+        terms = state.grad_terms if compensate_now else None
+        binding = self.binding if terms is not None else None
+        out = NormalizeWithWindow.apply(
+            input, self.weight, self.bias, None if binding is None else binding.weight,
+            None if binding is None else binding.bias, mean_bar, var_bar, inv_k, self.eps, total,
+            self.process_group if sync else None, terms)
         self.last_mean, self.last_var = mean_bar, var_bar
 
         want_derivatives = (compensate_now and conv_input is not None
@@ -577,7 +557,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             window = self._window
             if want_derivatives and window.pending is not None and \
                     not window.compensable[window.pending]:
-                window.fill_derivatives(self._derivatives(conv_input, input))
+                window.fill_derivatives(self._derivatives(conv_input, input), finite)
             return out
 
         state.calls.append((local_mean, local_var))
@@ -591,8 +571,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                 derivatives if compensate_now else None)
         if self.track_running_stats:
             batch_count = total if sync else num_positions
+            num_entries = 1.0 if inv_k is None else state.num_entries
             self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
-                                       count * batch_count, finite)
+                                       num_entries * batch_count, finite)
             if tracks_drift and derivatives is not None:
                 self._drift.update(*derivatives, self.binding.weight, self.binding.bias,
                                    num_positions, self._ema_factor(), finite)

@@ -1,4 +1,4 @@
-"""The ring of one layer's entries from earlier iterations."""
+"""The ring of one layer's entries from earlier iterations, kept on the layer's device."""
 from typing import List, Optional, Tuple
 
 import torch
@@ -11,21 +11,29 @@ class MomentWindow(ScratchTensors):
     """A fixed-size ring of per-iteration statistics, preallocated on first use.
 
     Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
-    wider), a ``valid`` flag (0 when the batch's statistics were not finite: such an entry is never
-    used) and, for compensable entries (``compensable_mask`` 1), the derivatives from
-    :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major (``patch_mean``
-    ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that compensating every slot
-    is one batched matrix product with no gather. The derivative buffers are only allocated for a
-    layer that records a compensable entry.
+    wider), a ``valid`` flag (0 when the batch's statistics were not finite: such an entry is stored
+    as zeros and never used), its ``age`` (iterations since it was recorded: 0 while pending), its
+    number of ``positions`` and, for compensable entries (``compensable_mask`` 1), the derivatives
+    from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
+    (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
+    compensating every slot is one batched matrix product with no gather. The derivative buffers are
+    only allocated for a layer that records a compensable entry.
+
+    Everything the arithmetic reads lives on the device and is updated in place with Python scalars
+    as kernel arguments: a training step never copies host data to the device nor reads device data
+    back. The Python lists (``committed``, ``compensable``, ``num_calls``) are the host's own
+    bookkeeping of the same facts, for decisions that need no tensor.
 
     At most one slot is *pending*: the current iteration's entry, which becomes part of the window
     (*committed*) when the next iteration starts. While pending it may be merged with further calls
-    of the layer in the same iteration.
+    of the layer in the same iteration. The ring has one slot more than the window holds entries, so
+    the pending slot is never one the current iteration reads (its backward still needs them).
 
     Args:
-        capacity: number of slots (the window size minus the current batch).
+        capacity: number of slots (the window size, current batch included; 0 for a window of 1).
     """
-    tensor_names = ('mean', 'var', 'valid', 'compensable_mask', 'patch_mean', 'sqmean_grad')
+    tensor_names = ('mean', 'var', 'valid', 'compensable_mask', 'age', 'positions', 'zero',
+                    'patch_mean', 'sqmean_grad')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -37,6 +45,9 @@ class MomentWindow(ScratchTensors):
         self.var: Optional[Tensor] = None
         self.valid: Optional[Tensor] = None
         self.compensable_mask: Optional[Tensor] = None
+        self.age: Optional[Tensor] = None
+        self.positions: Optional[Tensor] = None
+        self.zero: Optional[Tensor] = None
         self.patch_mean: Optional[Tensor] = None
         self.sqmean_grad: Optional[Tensor] = None
         self.num_positions: List[int] = [0] * self.capacity
@@ -46,7 +57,8 @@ class MomentWindow(ScratchTensors):
         self.pending: Optional[int] = None
 
     def __len__(self) -> int:
-        """Number of entries held, this iteration's pending one included."""
+        """Number of entries held: the committed ones (at most ``capacity - 1``) and this
+        iteration's pending one."""
         return len(self.committed) + (self.pending is not None)
 
     def recent(self, n: int) -> List[int]:
@@ -54,19 +66,27 @@ class MomentWindow(ScratchTensors):
         return self.committed[::-1][:max(n, 0)]
 
     def commit_pending(self) -> None:
+        """Starts a new iteration: the pending entry joins the window, every entry ages by one."""
         if self.pending is not None:
             self.committed.append(self.pending)
             self.pending = None
+            if len(self.committed) >= self.capacity:  # the window holds capacity - 1 entries
+                self.committed.pop(0)
+        if self.age is not None:
+            self.age.add_(1.0)
 
     def open_pending(self) -> int:
-        """Reserves the slot for this iteration's entry: a free one, else the oldest entry's."""
+        """Reserves a slot no committed entry holds for this iteration's entry."""
         assert self.pending is None and self.capacity > 0
         used = set(self.committed)
-        free = [s for s in range(self.capacity) if s not in used]
-        slot = free[0] if free else self.committed.pop(0)
+        slot = next(s for s in range(self.capacity) if s not in used)
         self.pending = slot
         self.num_calls[slot] = 0
         return slot
+
+    def in_window(self, num_entries: int) -> Tensor:
+        """``[capacity]``: 1 for the valid entries among the ``num_entries`` most recent, else 0."""
+        return self.valid * (self.age <= num_entries)
 
     def _allocate(self, num_channels: int, device, dtype) -> None:
         if self.mean is None or self.mean.shape[1] != num_channels or self.mean.device != device:
@@ -74,6 +94,9 @@ class MomentWindow(ScratchTensors):
             self.var = torch.zeros_like(self.mean)
             self.valid = torch.zeros(self.capacity, device=device, dtype=dtype)
             self.compensable_mask = torch.zeros_like(self.valid)
+            self.positions = torch.zeros_like(self.valid)
+            self.age = torch.zeros_like(self.valid)
+            self.zero = torch.zeros((), device=device, dtype=dtype)  # where()'s fill, in place
 
     def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
         shape = (sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
@@ -88,8 +111,8 @@ class MomentWindow(ScratchTensors):
 
         Merging weights each call by its number of positions, so the slot holds the statistics (and
         derivatives, which are also means over positions) of all positions seen this iteration.
-        A non-finite first call is stored marked invalid (``valid`` 0, never used); a non-finite
-        later call leaves the slot as it was.
+        A non-finite first call is stored as zeros marked invalid (``valid`` 0, never used); a
+        non-finite later call leaves the slot as it was.
         """
         slot = self.pending
         assert slot is not None
@@ -102,38 +125,51 @@ class MomentWindow(ScratchTensors):
             """Position-weighted mean with the slot's earlier calls; a non-finite call adds nothing."""
             return torch.where(finite, (n_old * old + num_positions * new) / total, old)
 
-        if first:  # a non-finite entry is stored as it is, marked invalid, and never used
-            self.valid[slot] = finite.to(self.valid.dtype)
-            self.mean[slot], self.var[slot] = mean, var
+        if first:
+            self.valid[slot].copy_(finite)
+            self.age[slot].fill_(0.0)
+            torch.where(finite, mean, self.zero, out=self.mean[slot])
+            torch.where(finite, var, self.zero, out=self.var[slot])
         else:
             old_mean, old_var = self.mean[slot], self.var[slot]
             spread = (n_old * num_positions / total**2) * (old_mean - mean)**2
-            self.mean[slot] = merged(old_mean, mean)
+            new_mean = merged(old_mean, mean)
             self.var[slot] = torch.where(finite, merged(old_var, var) + spread, old_var)
+            self.mean[slot] = new_mean
+        self.positions[slot].fill_(float(total))
 
         if derivatives is not None and (first or self.compensable[slot]):
             patch_mean, sqmean_grad = derivatives
-            if not first:
-                patch_mean = merged(self.patch_mean[:, slot], patch_mean)
-                sqmean_grad = merged(self.sqmean_grad[:, slot], sqmean_grad)
-            self._write_derivatives(slot, patch_mean, sqmean_grad)
-        else:
+            if first:
+                self._write_derivatives(slot, patch_mean, sqmean_grad, finite)
+            else:
+                self._write_derivatives(slot, merged(self.patch_mean[:, slot], patch_mean),
+                                        merged(self.sqmean_grad[:, slot], sqmean_grad))
+        elif first or self.compensable[slot]:
             self.compensable[slot] = False
-            self.compensable_mask[slot] = 0.0
+            self.compensable_mask[slot].fill_(0.0)
         self.num_positions[slot] = total
         self.num_calls[slot] += 1
 
-    def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor]) -> None:
+    def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor], finite: Tensor) -> None:
         """Adds derivatives to a pending entry recorded by a single call that could not compute them
         (e.g. the no-grad first pass of gradient checkpointing, before its recomputation)."""
         slot = self.pending
         if slot is None or self.compensable[slot] or self.num_calls[slot] != 1:
             return
-        self._write_derivatives(slot, *derivatives)
+        self._write_derivatives(slot, *derivatives, finite)
 
-    def _write_derivatives(self, slot: int, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
+    def _write_derivatives(self, slot: int, patch_mean: Tensor, sqmean_grad: Tensor,
+                           finite: Optional[Tensor] = None) -> None:
+        """Stores a slot's derivatives; with ``finite`` given, a non-finite batch's as zeros (the
+        backward contracts over every slot, where a NaN would reach the conv's gradient)."""
         self._allocate_derivatives(patch_mean, sqmean_grad)
-        self.patch_mean[:, slot] = patch_mean
-        self.sqmean_grad[:, slot] = sqmean_grad
-        self.compensable[slot] = True
-        self.compensable_mask[slot] = 1.0
+        if finite is None:
+            self.patch_mean[:, slot] = patch_mean
+            self.sqmean_grad[:, slot] = sqmean_grad
+        else:
+            torch.where(finite, patch_mean, self.zero, out=self.patch_mean[:, slot])
+            torch.where(finite, sqmean_grad, self.zero, out=self.sqmean_grad[:, slot])
+        if not self.compensable[slot]:
+            self.compensable[slot] = True
+            self.compensable_mask[slot].fill_(1.0)

@@ -1,0 +1,146 @@
+"""The normalisation step of a CBN layer: an autograd Function over torch's fused BatchNorm kernels.
+
+The layer hands it the pooled statistics ``mean``/``var`` of the current batch and the window (the
+current batch's weight in that average is ``inv_k``); the Function normalises with them and, in the
+backward, gives the gradient through the current batch's share (BatchNorm's, with the batch size
+scaled by the number of entries) and, when asked, through the compensated window entries to the
+bound conv's current weight and bias.
+"""
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .conv_moments import compensation_backward
+from .distributed import all_reduce_sum
+
+
+@dataclass
+class WindowGradTerms:
+    """What the backward needs to pass a gradient through the compensated window entries.
+
+    ``S`` is the window's number of slots; a slot that is not used, not compensated or not valid
+    has ``share`` 0 and contributes nothing.
+
+    Args:
+        share: ``[S]`` each slot's weight in its entry: 1 for a used, compensated slot (under
+            synchronised CBN, this process's fraction of the entry's positions), else 0.
+        mean_hat: ``[S, C]`` the entries' compensated means (pooled over processes when synced).
+        clamped: ``[S, C]`` bool, where an entry's compensated variance was clamped at 0 (its second
+            moment is then ``mean_hat ** 2``: autograd of ``max(sqmean_hat, mean_hat ** 2)``).
+        mean: ``[S, C]`` the means as recorded (this process's).
+        patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
+    """
+    share: Tensor
+    mean_hat: Tensor
+    clamped: Tensor
+    mean: Tensor
+    patch_mean: Tensor
+    sqmean_grad: Tensor
+
+
+class NormalizeWithWindow(torch.autograd.Function):
+    """``out = weight * (x - mean) / sqrt(var + eps) + bias`` with ``mean``/``var`` pooled from the
+    current batch (``M`` positions) and the window, ``k = 1 / inv_k`` entries in all.
+
+    The gradient through the current batch's share of ``mean``/``var`` is BN's with the batch size
+    ``M`` replaced by ``k * M``:
+
+        dx = weight * invstd * (dy - sum(dy) / (kM) - xhat * sum(dy * xhat) / (kM))
+           = BN_backward(dy) / k + (1 - 1/k) * weight * invstd * dy
+
+    so both directions run on torch's fused BatchNorm kernels (eval-mode forward with our statistics,
+    training-mode backward with them as the saved statistics) plus one elementwise pass. With a
+    process group (synchronised CBN), ``M`` counts every process's positions and the two sums are
+    all-reduced, as in SyncBatchNorm.
+
+    With ``terms`` (and the conv's ``conv_weight``/``conv_bias`` as inputs), the same two sums give
+    ``dL/dmean = -weight * invstd * sum(dy)`` and ``dL/dvar = -weight * invstd^2 * sum(dy * xhat) / 2``;
+    each used entry's share of them (``1/k``) goes through its compensation formulas to the conv's
+    parameters (:func:`~mmcbn.layers.conv_moments.compensation_backward`): one small batched product,
+    no pass over the activation.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], mean: Tensor,
+                var: Tensor, inv_k: Optional[Tensor], eps: float, sync_count: Optional[Tensor],
+                group, terms: Optional[WindowGradTerms]) -> Tensor:
+        ctx.eps, ctx.group, ctx.terms = eps, group, terms
+        ctx.conv_weight_shape = None if conv_weight is None else conv_weight.shape
+        ctx.conv_dtypes = (None if conv_weight is None else conv_weight.dtype,
+                           None if conv_bias is None else conv_bias.dtype)
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count)
+        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
+                                torch.backends.cudnn.enabled)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, weight, mean, invstd, inv_k, sync_count = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        need_x = ctx.needs_input_grad[0]
+        need_w = weight is not None and ctx.needs_input_grad[1]
+        need_b = ctx.needs_input_grad[2]
+        terms = ctx.terms
+        need_conv = terms is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
+        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        if sync_count is None:
+            grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps,
+                [need_x, need_w or need_conv, need_b or need_conv])
+            if grad_x is not None and inv_k is not None:
+                coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
+                grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
+            grad_weight = sum_dy_xhat if need_w else None
+            grad_bias = sum_dy if need_b else None
+            sums = (torch.stack([sum_dy, sum_dy_xhat]).to(invstd.dtype) if need_conv else None)
+        else:
+            # the eval-mode kernel gives the local sums (grad_bias = sum(dy), grad_weight =
+            # sum(dy * xhat)); the input and conv gradients need them summed over processes
+            var = invstd.reciprocal().square() - ctx.eps
+            _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+                grad_out, x, torch.ones_like(invstd), mean, var, None, None, False, ctx.eps,
+                [False, True, True])
+            grad_weight = sum_dy_xhat.to(weight.dtype) if need_w else None
+            grad_bias = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) \
+                if need_b else None
+            grad_x = sums = None
+            if need_x or need_conv:
+                sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]).to(invstd.dtype),
+                                      ctx.group)
+            if need_x:
+                n = sync_count / inv_k if inv_k is not None else sync_count  # k * M over processes
+                b = -scale * invstd * sums[1] / n  # dx = scale * dy + b * (x - mean) + c0
+                c0 = -scale * sums[0] / n - b * mean
+                grad_x = torch.addcmul(c0.to(grad_out.dtype)[None, :, None, None], grad_out,
+                                       scale.to(grad_out.dtype)[None, :, None, None])
+                grad_x = grad_x.addcmul_(x.to(grad_x.dtype), b.to(grad_x.dtype)[None, :, None, None])
+        grad_conv_weight = grad_conv_bias = None
+        if need_conv:
+            with torch.autocast(x.device.type, enabled=False):
+                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums, scale, invstd,
+                                                                      mean, inv_k)
+        return (grad_x, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias, None, None, None,
+                None, None, None, None)
+
+
+def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, scale: Tensor, invstd: Tensor,
+                       mean: Tensor, inv_k: Tensor):
+    """The conv's weight and bias gradients through the compensated entries (see the class)."""
+    grad_mean = -scale * sums[0] * inv_k  # per entry, through mean_bar and var_bar = nu_bar - mean^2
+    grad_var = (-0.5 * inv_k) * scale * invstd * sums[1]
+    grad_mean = grad_mean.addcmul_(grad_var, mean, value=-2.0)
+    share = terms.share[:, None]
+    grad_sqmean = torch.where(terms.clamped, 0.0, grad_var) * share
+    # a clamped entry's second moment is mean_hat^2: its share moves to the mean
+    grad_entry_mean = torch.where(terms.clamped, terms.mean_hat * (2.0 * grad_var),
+                                  0.0).add_(grad_mean).mul_(share)
+    grad_w, grad_b = compensation_backward(grad_entry_mean, grad_sqmean, terms.mean,
+                                           terms.patch_mean, terms.sqmean_grad)
+    weight_dtype, bias_dtype = ctx.conv_dtypes
+    grad_conv_weight = (grad_w.reshape(ctx.conv_weight_shape).to(weight_dtype)
+                        if ctx.needs_input_grad[3] else None)
+    grad_conv_bias = grad_b.to(bias_dtype) if bias_dtype is not None and \
+        ctx.needs_input_grad[4] else None
+    return grad_conv_weight, grad_conv_bias

@@ -1,0 +1,152 @@
+"""A steady-state conv + CBN training step: no host syncs, no data-dependent work, few kernels.
+
+Counted with a TorchDispatchMode on the CPU (every aten op the step dispatches, forward and backward;
+views, detach and allocations are not kernels). On CUDA the same step also runs under
+``torch.cuda.set_sync_debug_mode('error')``.
+"""
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from mmcbn import CrossIterationBatchNorm2d
+
+# ops that read device data back to the host, make a tensor from host data, or have an output
+# whose shape depends on the data: each would stall a CUDA stream
+STALLING = {'_local_scalar_dense', 'item', 'lift_fresh', 'lift_fresh_copy', 'nonzero',
+            'nonzero_static', 'masked_select', 'is_nonzero', 'equal', 'allclose', '_unique',
+            '_unique2', 'unique_dim', 'unique_consecutive', 'bincount', 'repeat_interleave'}
+NOT_KERNELS = {'empty', 'empty_like', 'empty_strided', 'new_empty', 'new_empty_strided',
+               'detach', 'alias', 'lift', '_unsafe_view', 'promote_types'}
+
+
+# Python-level calls that move host data to the device or device data to the host (on the CPU the
+# dispatcher sees no copy for them)
+HOST_DATA_CALLS = {torch.tensor, torch.as_tensor, torch.from_numpy, torch.Tensor.tolist,
+                   torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.__float__,
+                   torch.Tensor.__int__, torch.Tensor.numpy, torch.Tensor.cpu}
+
+
+def _has_sequence(index) -> bool:
+    """Whether an index holds a Python list (made into a tensor from host data)."""
+    return isinstance(index, list) or (
+        isinstance(index, tuple) and any(isinstance(i, (list, tuple)) for i in index))
+
+
+class HostDataCalls(TorchFunctionMode):
+    """Records calls that exchange data with the host, and indexing with Python sequences."""
+
+    def __init__(self, ops):
+        super().__init__()
+        self.ops = ops
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in HOST_DATA_CALLS:
+            self.ops.append(f'host:{getattr(func, "__name__", func)}')
+        elif func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and \
+                _has_sequence(args[1]):
+            self.ops.append('host:index with a Python sequence')
+        return func(*args, **(kwargs or {}))
+
+
+class OpCensus(TorchDispatchMode):
+    """Records, in order, the compute ops dispatched while active and the host-data calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self._host = HostDataCalls(self.ops)
+
+    def __enter__(self):
+        self._host.__enter__()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        return self._host.__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in NOT_KERNELS and \
+                torch.Tag.inplace_view not in func.tags:
+            if name == 'index' and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
+                                       for i in args[1] if i is not None):
+                name = 'index with a mask'  # a boolean mask index is a nonzero
+                STALLING.add(name)
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _census(conv, norm, steps):
+    x = torch.randn(2, 16, 12, 12)
+    target = torch.randn(2, 32, 12, 12)
+    opt = torch.optim.SGD([*conv.parameters(), *norm.parameters()], lr=0.01)
+    censuses = []
+    for it in range(steps):
+        if isinstance(norm, CrossIterationBatchNorm2d):
+            norm.iteration = it
+        census = OpCensus()
+        with census:
+            loss = (norm(conv(x)) * target).sum()
+            loss.backward()
+        censuses.append(census.ops)
+        opt.step()
+        opt.zero_grad()
+    return censuses
+
+
+def _cbn(**kwargs):
+    conv = nn.Conv2d(16, 32, 3, padding=1)
+    cbn = CrossIterationBatchNorm2d(32, window_size=4, **kwargs)
+    cbn.bind(conv)
+    return conv, cbn
+
+
+@pytest.mark.parametrize('kwargs', [dict(), dict(window_grad=False), dict(compensation=False),
+                                    dict(compensate_running_stats=False)],
+                         ids=['default', 'stop_grad', 'naive', 'plain_running_stats'])
+def test_steady_step_has_no_stalls_and_at_most_4x_batchnorm_ops(kwargs):
+    torch.manual_seed(0)
+    bn_ops = _census(nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), 2)[-1]
+    torch.manual_seed(0)
+    censuses = _census(*_cbn(**kwargs), 8)
+    steady = censuses[5:]  # the window is full from the 5th step on (4 entries, one pending)
+    for ops in steady:
+        assert not STALLING & set(ops), f'stalling ops: {sorted(STALLING & set(ops))}'
+    # the same ops in the same order at every steady step: nothing depends on the data
+    assert steady[0] == steady[1] == steady[2]
+    counts = Counter(steady[0])
+    assert len(steady[0]) <= 4 * len(bn_ops), (
+        f'{len(steady[0])} ops against BN\'s {len(bn_ops)}: {counts.most_common()}')
+
+
+def test_census_sees_a_stall():
+    """The census can fail: a host read of a tensor is recorded as stalling."""
+    census = OpCensus()
+    with census:
+        torch.ones(3).sum().item()
+        torch.tensor([1.0, 2.0])
+        torch.zeros(4, 2)[[0, 2]]
+    assert {'_local_scalar_dense', 'host:item', 'host:tensor',
+            'host:index with a Python sequence'} <= set(census.ops)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_steady_step_never_syncs_on_cuda():
+    conv, cbn = _cbn()
+    conv.cuda(), cbn.cuda()
+    x = torch.randn(2, 16, 12, 12, device='cuda')
+    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=0.01)
+    for it in range(8):
+        cbn.iteration = it
+        if it >= 5:
+            torch.cuda.set_sync_debug_mode('error')
+        try:
+            cbn(conv(x)).square().sum().backward()
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+        opt.step()
+        opt.zero_grad()
