@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from mmcbn.layers.conv_moments import ConvGeometry, compensate, moment_derivatives, output_moments
+from mmcbn.layers.conv_moments import (ConvGeometry, compensate, compensation_backward,
+                                       moment_derivatives, output_moments)
 
 CONV_SHAPES = [
     # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode
@@ -91,3 +92,35 @@ def test_output_moments_float32_for_half_inputs():
     torch.testing.assert_close(mean.double(), ref.mean((0, 2, 3)), rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(var.double(), ref.var((0, 2, 3), unbiased=False), rtol=1e-5,
                                atol=1e-4)
+
+
+@pytest.mark.parametrize('groups', [1, 3])
+def test_compensation_backward_is_autograd_of_the_compensated_moments(groups):
+    """Against autograd of the compensated moments written from their definitions:
+    mean_hat = <p_group(c), W_c> + b_c and sqmean_hat = <g_c, W_c> + 2 mean_old b_c - sqmean_old."""
+    torch.manual_seed(0)
+    entries, channels, k = 4, 6, 5
+    f64 = dict(dtype=torch.float64)
+    mean, var = torch.randn(entries, channels, **f64), torch.rand(entries, channels, **f64)
+    patch_mean = torch.randn(groups, entries, k, **f64)
+    sqmean_grad = torch.randn(channels, entries, k, **f64)
+    weight = torch.randn(channels, k, **f64, requires_grad=True)
+    bias = torch.randn(channels, **f64, requires_grad=True)
+    group_of = torch.arange(channels) // (channels // groups)
+    mean_hat = torch.einsum('cek,ck->ec', patch_mean[group_of], weight) + bias
+    sqmean_hat = (torch.einsum('cek,ck->ec', sqmean_grad, weight) + 2 * mean * bias -
+                  (var + mean**2))
+    grad_mean, grad_sqmean = torch.randn_like(mean), torch.randn_like(mean)
+    expected = torch.autograd.grad((grad_mean * mean_hat + grad_sqmean * sqmean_hat).sum(),
+                                   [weight, bias])
+    got = compensation_backward(grad_mean, grad_sqmean, mean, patch_mean, sqmean_grad)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    assert compensation_backward(grad_mean, grad_sqmean, mean, patch_mean, sqmean_grad,
+                                 with_bias=False)[1] is None
+    # and compensate() computes those moments (variance = second moment - mean^2)
+    got_mean, got_var = compensate(mean, var, patch_mean, sqmean_grad,
+                                   weight.detach().reshape(channels, k, 1, 1), bias.detach(),
+                                   clamp=False)
+    torch.testing.assert_close(got_mean, mean_hat.detach())
+    torch.testing.assert_close(got_var, (sqmean_hat - mean_hat**2).detach())

@@ -60,7 +60,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seeds', type=int, default=5)
     parser.add_argument('--iters', type=int, default=1200)
-    parser.add_argument('--lr', type=float, default=0.02)
+    parser.add_argument('--lr', type=float, default=0.005)
     parser.add_argument('--windows', type=int, nargs='+', default=[4, 8, 16])
     parser.add_argument('--no-burn-in-windows', type=int, nargs='+', default=[4, 8],
                         help='windows also trained with CBN from the first iteration')

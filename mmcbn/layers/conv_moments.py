@@ -198,6 +198,8 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
     Returns:
         The compensated ``mean`` and ``var`` ``[E, C]``, where ``var = max(sqmean, mean^2) - mean^2``:
         the clamp keeps each entry a valid (mean, second moment) pair, so the variance is >= 0.
+        (The variance is as precise as the product ``<sqmean_grad, W_t>``, whose rounding is of the
+        order of the second moment's in any form of the formula.)
     """
     groups, num_entries, k = patch_mean.shape
     channels = weight.shape[0]
@@ -205,21 +207,20 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
     # [g, E, K] @ [g, K, C/g] -> [g, E, C/g] -> [E, C]
     mean_hat = torch.bmm(patch_mean, w.reshape(groups, channels // groups, k).transpose(1, 2))
     mean_hat = mean_hat.transpose(0, 1).reshape(num_entries, channels)
-    sqmean_old = var + mean * mean
-    # <sqmean_grad, W_t> - 2 * sqmean_old is the change of the second moment (zero when W_t = W_old);
-    # written as a delta so var_old keeps its two-pass precision when the change is small.
-    d_sqmean = torch.bmm(sqmean_grad, w.unsqueeze(-1)).squeeze(-1).t() - 2.0 * sqmean_old
+    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old
+    sqmean_hat = torch.bmm(sqmean_grad, w.unsqueeze(-1)).view(channels, num_entries).t()
+    sqmean_hat = sqmean_hat - torch.addcmul(var, mean, mean)
     if bias is not None:
         b = bias.detach().to(mean.dtype)
         mean_hat = mean_hat + b
-        d_sqmean = d_sqmean + 2.0 * mean * b
-    d_mean = mean_hat - mean
-    var_hat = var + d_sqmean - d_mean * (mean_hat + mean)
+        sqmean_hat = sqmean_hat.addcmul_(mean, b, value=2.0)
+    var_hat = sqmean_hat.addcmul_(mean_hat, mean_hat, value=-1.0)
     return mean_hat, var_hat.clamp_min(0.0) if clamp else var_hat
 
 
 def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, patch_mean: Tensor,
-                          sqmean_grad: Tensor) -> Tuple[Tensor, Tensor]:
+                          sqmean_grad: Tensor,
+                          with_bias: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
     """The gradient of the compensated moments w.r.t. the current conv weight and bias.
 
     The adjoint of :func:`compensate` in the (mean, second moment) form: ``mean_hat = <p, W_c> + b_c``
@@ -230,9 +231,10 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
             ``sqmean_hat`` (zero for entries that are not compensated).
         mean: ``[E, C]`` the entries' recorded means (finite).
         patch_mean, sqmean_grad: ``[groups, E, K]`` and ``[C, E, K]``, as for :func:`compensate`.
+        with_bias: whether the conv has a bias (else no bias gradient is computed).
 
     Returns:
-        The weight gradient ``[C, K]`` and the bias gradient ``[C]``.
+        The weight gradient ``[C, K]`` and the bias gradient ``[C]`` (None without a bias).
     """
     groups, num_entries, k = patch_mean.shape
     channels = sqmean_grad.shape[0]
@@ -240,5 +242,5 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
     grad_weight = torch.bmm(grad_mean.t().reshape(groups, channels // groups, num_entries),
                             patch_mean).reshape(channels, 1, k)
     grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad)
-    grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean, value=2.0).sum(0)
+    grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean, value=2.0).sum(0) if with_bias else None
     return grad_weight.reshape(channels, k), grad_bias

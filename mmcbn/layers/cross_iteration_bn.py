@@ -401,7 +401,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return None
 
     def _ema_factor(self) -> float:
-        """The running statistics' weight for the batch just counted in num_batches_tracked."""
+        """The running statistics' weight for the batch just counted in num_batches_tracked.
+
+        With ``momentum=None`` (a cumulative average) this reads the counter back to the host, as
+        torch's BatchNorm does.
+        """
         if self.momentum is None:
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
@@ -484,8 +488,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if share is not None:
                 share = share * window.positions / pooled.clamp_min(1.0)
         if share is not None and self.window_grad:
-            state.grad_terms = WindowGradTerms(share, mean, var < 0, window.mean,
-                                               window.patch_mean, window.sqmean_grad)
+            state.grad_terms = WindowGradTerms.build(share, mean, var, window.mean,
+                                                     window.patch_mean, window.sqmean_grad)
         state.mean, state.var = mean, var.clamp_min(0.0)
         weights = F.pad(use, (1, 0), value=1.0)
         state.num_entries = weights.sum()
@@ -501,8 +505,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         means = torch.cat([mean[None], state.mean])
         mean_bar = state.weights @ means
         # var = avg(var_i + mean_i^2) - mean^2, written about mean_bar (no cancellation)
-        var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(
-            means - mean_bar, means - mean_bar)
+        spread = means - mean_bar
+        var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(spread, spread)
         return mean_bar, var_bar, state.weights[0]
 
     def _forward_window(self, input: Tensor) -> Tensor:
@@ -523,8 +527,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                                                 self.process_group)
             else:
                 mean, var, total = local_mean, local_var, None
-            # a non-finite value anywhere makes the variance non-finite; stays on the device
-            finite = var.sum().isfinite()
+            # a non-finite value anywhere makes the variance non-finite (inf - inf, or an
+            # overflow); x * 0 == 0 holds for finite x only. Stays on the device.
+            finite = var.sum().mul_(0.0).eq(0.0)
 
         state = self._state
         # A recomputation happens before the optimizer step: an in-place update of the bound conv's
@@ -568,7 +573,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if self._window.pending is None:
                 self._window.open_pending()
             self._window.record(local_mean, local_var, finite, num_positions,
-                                derivatives if compensate_now else None)
+                                derivatives if compensate_now else None, count_positions=self.sync)
         if self.track_running_stats:
             batch_count = total if sync else num_positions
             num_entries = 1.0 if inv_k is None else state.num_entries
@@ -603,8 +608,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         else:
             unbiased = src_var * (n / (n - 1) if n > 1 else 1.0)
         # a non-finite batch leaves the running statistics as they are
-        self.running_mean.lerp_(torch.where(finite, src_mean, self.running_mean), factor)
-        self.running_var.lerp_(torch.where(finite, unbiased, self.running_var), factor)
+        torch._foreach_lerp_([self.running_mean, self.running_var],
+                             [torch.where(finite, src_mean, self.running_mean),
+                              torch.where(finite, unbiased, self.running_var)], factor)
 
 CBN = CrossIterationBatchNorm2d
 

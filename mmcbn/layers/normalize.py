@@ -18,26 +18,41 @@ from .distributed import all_reduce_sum
 
 @dataclass
 class WindowGradTerms:
-    """What the backward needs to pass a gradient through the compensated window entries.
+    """What the backward needs to pass a gradient through the compensated window entries, with the
+    per-iteration factors folded in (the backward then costs a few ``[S, C]`` products).
 
-    ``S`` is the window's number of slots; a slot that is not used, not compensated or not valid
-    has ``share`` 0 and contributes nothing.
+    Per entry (``S`` slots; a slot that is not used, not compensated or not valid has share 0) the
+    gradient w.r.t. its compensated mean and second moment is, with ``a = dL/dmean`` and
+    ``b = dL/dvar`` of the pooled statistics and ``k`` entries in all::
+
+        d mean_hat = share * (a - 2 b mean) / k + [clamped] share * 2 b mean_hat / k
+        d sqmean_hat = [not clamped] share * b / k
+
+    (a clamped entry's second moment is ``mean_hat ** 2``: autograd of ``max(sqmean_hat,
+    mean_hat ** 2)``).
 
     Args:
-        share: ``[S]`` each slot's weight in its entry: 1 for a used, compensated slot (under
-            synchronised CBN, this process's fraction of the entry's positions), else 0.
-        mean_hat: ``[S, C]`` the entries' compensated means (pooled over processes when synced).
-        clamped: ``[S, C]`` bool, where an entry's compensated variance was clamped at 0 (its second
-            moment is then ``mean_hat ** 2``: autograd of ``max(sqmean_hat, mean_hat ** 2)``).
+        neg_share: ``[S, 1]`` minus each slot's share in its entry: 1 for a used, compensated slot
+            (under synchronised CBN, this process's fraction of the entry's positions), else 0.
+        half_kept: ``[S, C]`` ``-share / 2`` where the entry's variance was not clamped, else 0.
+        neg_clamped_mean: ``[S, C]`` ``-share * mean_hat`` where it was clamped, else 0.
         mean: ``[S, C]`` the means as recorded (this process's).
         patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
     """
-    share: Tensor
-    mean_hat: Tensor
-    clamped: Tensor
+    neg_share: Tensor
+    half_kept: Tensor
+    neg_clamped_mean: Tensor
     mean: Tensor
     patch_mean: Tensor
     sqmean_grad: Tensor
+
+    @classmethod
+    def build(cls, share: Tensor, mean_hat: Tensor, var_hat: Tensor, mean: Tensor,
+              patch_mean: Tensor, sqmean_grad: Tensor) -> 'WindowGradTerms':
+        """From the shares, the compensated entries before the clamp and the recorded ones."""
+        share = share[:, None]
+        kept = share * (var_hat >= 0)
+        return cls(-share, kept * -0.5, (kept - share) * mean_hat, mean, patch_mean, sqmean_grad)
 
 
 class NormalizeWithWindow(torch.autograd.Function):
@@ -94,7 +109,7 @@ class NormalizeWithWindow(torch.autograd.Function):
                 grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
             grad_weight = sum_dy_xhat if need_w else None
             grad_bias = sum_dy if need_b else None
-            sums = (torch.stack([sum_dy, sum_dy_xhat]).to(invstd.dtype) if need_conv else None)
+            sums = (sum_dy.to(invstd.dtype), sum_dy_xhat.to(invstd.dtype)) if need_conv else None
         else:
             # the eval-mode kernel gives the local sums (grad_bias = sum(dy), grad_weight =
             # sum(dy * xhat)); the input and conv gradients need them summed over processes
@@ -108,7 +123,7 @@ class NormalizeWithWindow(torch.autograd.Function):
             grad_x = sums = None
             if need_x or need_conv:
                 sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]).to(invstd.dtype),
-                                      ctx.group)
+                                      ctx.group).unbind()
             if need_x:
                 n = sync_count / inv_k if inv_k is not None else sync_count  # k * M over processes
                 b = -scale * invstd * sums[1] / n  # dx = scale * dy + b * (x - mean) + c0
@@ -127,18 +142,16 @@ class NormalizeWithWindow(torch.autograd.Function):
 
 def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, scale: Tensor, invstd: Tensor,
                        mean: Tensor, inv_k: Tensor):
-    """The conv's weight and bias gradients through the compensated entries (see the class)."""
-    grad_mean = -scale * sums[0] * inv_k  # per entry, through mean_bar and var_bar = nu_bar - mean^2
-    grad_var = (-0.5 * inv_k) * scale * invstd * sums[1]
-    grad_mean = grad_mean.addcmul_(grad_var, mean, value=-2.0)
-    share = terms.share[:, None]
-    grad_sqmean = torch.where(terms.clamped, 0.0, grad_var) * share
-    # a clamped entry's second moment is mean_hat^2: its share moves to the mean
-    grad_entry_mean = torch.where(terms.clamped, terms.mean_hat * (2.0 * grad_var),
-                                  0.0).add_(grad_mean).mul_(share)
-    grad_w, grad_b = compensation_backward(grad_entry_mean, grad_sqmean, terms.mean,
-                                           terms.patch_mean, terms.sqmean_grad)
+    """The conv's weight and bias gradients through the compensated entries (see
+    :class:`WindowGradTerms`); ``sums`` holds ``sum(dy)`` and ``sum(dy * xhat)``."""
+    t = scale * inv_k
+    u = t * invstd * sums[1]  # -2 b / k
+    neg_base = torch.addcmul(t * sums[0], u, mean, value=-1.0)  # -(a - 2 b mean) / k
+    grad_sqmean = terms.half_kept * u
+    grad_mean = torch.addcmul(terms.neg_share * neg_base, terms.neg_clamped_mean, u)
     weight_dtype, bias_dtype = ctx.conv_dtypes
+    grad_w, grad_b = compensation_backward(grad_mean, grad_sqmean, terms.mean, terms.patch_mean,
+                                           terms.sqmean_grad, with_bias=bias_dtype is not None)
     grad_conv_weight = (grad_w.reshape(ctx.conv_weight_shape).to(weight_dtype)
                         if ctx.needs_input_grad[3] else None)
     grad_conv_bias = grad_b.to(bias_dtype) if bias_dtype is not None and \

@@ -27,33 +27,64 @@ from .scratch_tensors import ScratchTensors
 
 
 class RunningDrift(ScratchTensors):
-    """EMAs of the per-iteration derivative terms of one layer's running statistics."""
-    tensor_names = ('patch_mean', 'var_grad', 'bias_weight', 'mean_at_own', 'var_at_own')
+    """EMAs of the per-iteration derivative terms of one layer's running statistics.
+
+    All five live in one flat tensor (``patch_mean`` ``[groups, K]``, ``var_grad`` ``[C, K]``,
+    ``bias_weight`` ``[]``, ``mean_at_own`` ``[C]``, ``var_at_own`` ``[C]``, each a view of it), so
+    a step's update is one masked blend and one in-place ``lerp_`` whatever the conv's shape.
+    """
+    tensor_names = ('state', )
 
     def __init__(self) -> None:
         self.clear()
 
     def clear(self) -> None:
         """Forgets every tracked iteration (the running statistics then count as current)."""
-        self.patch_mean: Optional[Tensor] = None  # [groups, K]
-        self.var_grad: Optional[Tensor] = None  # [C, K]
-        self.bias_weight: Optional[Tensor] = None  # [] EMA of 1: the weight of b in the mean
-        self.mean_at_own: Optional[Tensor] = None  # [C] EMA of <p_t, W_t> + b_t
-        self.var_at_own: Optional[Tensor] = None  # [C] EMA of <g_t, W_t>
+        self.state: Optional[Tensor] = None
+        self._shape: Optional[Tuple[int, int, int]] = None  # (groups, C, K)
 
     @property
     def empty(self) -> bool:
-        return self.var_grad is None
+        return self.state is None
+
+    def _views(self, flat: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``patch_mean``, ``var_grad``, ``bias_weight``, ``mean_at_own``, ``var_at_own`` of a flat
+        tensor laid out as :attr:`state`."""
+        groups, channels, k = self._shape
+        sizes = (groups * k, channels * k, 1, channels, channels)
+        pm, vg, bw, mo, vo = flat.split(sizes)
+        return pm.view(groups, k), vg.view(channels, k), bw.view(()), mo, vo
+
+    @property
+    def patch_mean(self) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[0]
+
+    @property
+    def var_grad(self) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[1]
+
+    @property
+    def bias_weight(self) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[2]
+
+    @property
+    def mean_at_own(self) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[3]
+
+    @property
+    def var_at_own(self) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[4]
 
     @staticmethod
     def _flat(weight: Tensor, dtype) -> Tensor:
         return weight.detach().to(dtype).reshape(weight.shape[0], -1)
 
     @staticmethod
-    def _mean_term(patch_mean: Tensor, w: Tensor) -> Tensor:
+    def _mean_term(patch_mean: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Tensor:
         """``<p_group(c), W_c>`` for every channel ``c``: ``[C]``."""
         groups, k = patch_mean.shape
-        per_group = w.reshape(groups, -1, k) @ patch_mean.unsqueeze(-1)  # [g, C/g, 1]
+        per_group = torch.matmul(w.reshape(groups, -1, k), patch_mean.unsqueeze(-1),
+                                 out=None if out is None else out.view(groups, -1, 1))
         return per_group.reshape(-1)
 
     @torch.no_grad()
@@ -70,39 +101,37 @@ class RunningDrift(ScratchTensors):
         """
         dtype = sqmean_grad.dtype
         w = self._flat(weight, dtype)
-        channels, groups = w.shape[0], patch_mean.shape[0]
-        mean = self._mean_term(patch_mean, w)
+        channels, groups, k = w.shape[0], patch_mean.shape[0], patch_mean.shape[1]
+        if self.empty or self._shape != (groups, channels, k) or self.state.dtype != dtype:
+            self._shape = (groups, channels, k)
+            self.state = torch.zeros(groups * k + channels * k + 1 + 2 * channels, dtype=dtype,
+                                     device=w.device)
+        new = torch.empty_like(self.state)
+        new_patch_mean, var_grad, bias_weight, mean, var_at_own = self._views(new)
+        self._mean_term(patch_mean, w, out=mean)
         if bias is not None:
-            mean = mean + bias.detach().to(dtype)
+            mean.add_(bias.detach().to(dtype))
         unbiased = num_positions / (num_positions - 1) if num_positions > 1 else 1.0
         # var_grad = unbiased * (sqmean_grad - 2 mean_c p_group(c)): one fused pass over [C, K]
         per_group = channels // groups
-        var_grad = torch.baddbmm(sqmean_grad.reshape(groups, per_group, -1),
-                                 mean.reshape(groups, per_group, 1), patch_mean.unsqueeze(1),
-                                 beta=unbiased, alpha=-2.0 * unbiased).reshape(channels, -1)
-        var_at_own = torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2)).reshape(channels)
-        if self.empty or self.var_grad.shape != var_grad.shape:
-            self.patch_mean = torch.zeros_like(patch_mean)
-            self.var_grad = torch.zeros_like(var_grad)
-            self.bias_weight = torch.zeros((), dtype=dtype, device=w.device)
-            self.mean_at_own = torch.zeros_like(mean)
-            self.var_at_own = torch.zeros_like(mean)
-        # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag);
-        # var_grad is ours, so the largest one is masked in place
-        self.var_grad.lerp_(torch.where(finite, var_grad, self.var_grad, out=var_grad), factor)
-        for ema, new in ((self.patch_mean, patch_mean),
-                         (self.bias_weight, torch.ones_like(self.bias_weight)),
-                         (self.mean_at_own, mean), (self.var_at_own, var_at_own)):
-            ema.lerp_(torch.where(finite, new, ema), factor)
+        torch.baddbmm(sqmean_grad.reshape(groups, per_group, k), mean.view(groups, per_group, 1),
+                      patch_mean.unsqueeze(1), beta=unbiased, alpha=-2.0 * unbiased,
+                      out=var_grad.view(groups, per_group, k))
+        torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2), out=var_at_own.view(channels, 1, 1))
+        new_patch_mean.copy_(patch_mean)
+        bias_weight.fill_(1.0)
+        # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
+        self.state.lerp_(torch.where(finite, new, self.state, out=new), factor)
 
     @torch.no_grad()
     def delta(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
         """How much the running mean and variance move when evaluated at ``weight``/``bias``."""
-        w = self._flat(weight, self.var_grad.dtype)
-        d_mean = self._mean_term(self.patch_mean, w) - self.mean_at_own
+        patch_mean, var_grad, bias_weight, mean_at_own, var_at_own = self._views(self.state)
+        w = self._flat(weight, var_grad.dtype)
+        d_mean = self._mean_term(patch_mean, w) - mean_at_own
         if bias is not None:
-            d_mean = d_mean + self.bias_weight * bias.detach().to(w.dtype)
-        d_var = (self.var_grad * w).sum(1) - self.var_at_own
+            d_mean = d_mean + bias_weight * bias.detach().to(w.dtype)
+        d_var = (var_grad * w).sum(1) - var_at_own
         return d_mean, d_var
 
     @torch.no_grad()
@@ -110,5 +139,6 @@ class RunningDrift(ScratchTensors):
         """Makes :meth:`delta` zero at ``weight``/``bias``: call after writing the compensated
         statistics at these parameters into the running statistics."""
         d_mean, d_var = self.delta(weight, bias)
-        self.mean_at_own += d_mean
-        self.var_at_own += d_var
+        _, _, _, mean_at_own, var_at_own = self._views(self.state)
+        mean_at_own += d_mean
+        var_at_own += d_var

@@ -11,9 +11,9 @@ class MomentWindow(ScratchTensors):
     """A fixed-size ring of per-iteration statistics, preallocated on first use.
 
     Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
-    wider), a ``valid`` flag (0 when the batch's statistics were not finite: such an entry is stored
-    as zeros and never used), its ``age`` (iterations since it was recorded: 0 while pending), its
-    number of ``positions`` and, for compensable entries (``compensable_mask`` 1), the derivatives
+    wider), its ``age`` (iterations since it was recorded: 0 while pending; infinite for a slot
+    never written and for a batch whose statistics were not finite, stored as zeros and never used),
+    its number of ``positions`` (kept for synchronised CBN only) and, for compensable entries (``compensable_mask`` 1), the derivatives
     from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
     (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
     compensating every slot is one batched matrix product with no gather. The derivative buffers are
@@ -32,7 +32,7 @@ class MomentWindow(ScratchTensors):
     Args:
         capacity: number of slots (the window size, current batch included; 0 for a window of 1).
     """
-    tensor_names = ('mean', 'var', 'valid', 'compensable_mask', 'age', 'positions', 'zero',
+    tensor_names = ('mean', 'var', 'compensable_mask', 'age', 'positions', 'zero', 'inf',
                     'patch_mean', 'sqmean_grad')
 
     def __init__(self, capacity: int):
@@ -43,11 +43,11 @@ class MomentWindow(ScratchTensors):
         """Drops every entry and frees the storage."""
         self.mean: Optional[Tensor] = None
         self.var: Optional[Tensor] = None
-        self.valid: Optional[Tensor] = None
         self.compensable_mask: Optional[Tensor] = None
         self.age: Optional[Tensor] = None
         self.positions: Optional[Tensor] = None
         self.zero: Optional[Tensor] = None
+        self.inf: Optional[Tensor] = None
         self.patch_mean: Optional[Tensor] = None
         self.sqmean_grad: Optional[Tensor] = None
         self.num_positions: List[int] = [0] * self.capacity
@@ -86,17 +86,18 @@ class MomentWindow(ScratchTensors):
 
     def in_window(self, num_entries: int) -> Tensor:
         """``[capacity]``: 1 for the valid entries among the ``num_entries`` most recent, else 0."""
-        return self.valid * (self.age <= num_entries)
+        return (self.age <= num_entries).to(self.mean.dtype)
 
     def _allocate(self, num_channels: int, device, dtype) -> None:
         if self.mean is None or self.mean.shape[1] != num_channels or self.mean.device != device:
             self.mean = torch.zeros(self.capacity, num_channels, device=device, dtype=dtype)
             self.var = torch.zeros_like(self.mean)
-            self.valid = torch.zeros(self.capacity, device=device, dtype=dtype)
-            self.compensable_mask = torch.zeros_like(self.valid)
-            self.positions = torch.zeros_like(self.valid)
-            self.age = torch.zeros_like(self.valid)
-            self.zero = torch.zeros((), device=device, dtype=dtype)  # where()'s fill, in place
+            self.compensable_mask = torch.zeros(self.capacity, device=device, dtype=dtype)
+            self.positions = torch.zeros_like(self.compensable_mask)
+            self.age = torch.full_like(self.compensable_mask, float('inf'))
+            # where()'s fills for in-place writes
+            self.zero = torch.zeros((), device=device, dtype=dtype)
+            self.inf = torch.full((), float('inf'), device=device, dtype=dtype)
 
     def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
         shape = (sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
@@ -106,13 +107,14 @@ class MomentWindow(ScratchTensors):
             self.sqmean_grad = sqmean_grad.new_zeros(shape)
 
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
-               derivatives: Optional[Tuple[Tensor, Tensor]]) -> None:
+               derivatives: Optional[Tuple[Tensor, Tensor]], count_positions: bool = False) -> None:
         """Writes one call's statistics into the pending slot, merging with earlier calls in it.
 
         Merging weights each call by its number of positions, so the slot holds the statistics (and
         derivatives, which are also means over positions) of all positions seen this iteration.
-        A non-finite first call is stored as zeros marked invalid (``valid`` 0, never used); a
-        non-finite later call leaves the slot as it was.
+        A non-finite first call is stored as zeros marked invalid (infinite age, never used); a
+        non-finite later call leaves the slot as it was. ``count_positions``: keep the slot's
+        number of positions on the device (synchronised CBN pools entries by it).
         """
         slot = self.pending
         assert slot is not None
@@ -126,8 +128,7 @@ class MomentWindow(ScratchTensors):
             return torch.where(finite, (n_old * old + num_positions * new) / total, old)
 
         if first:
-            self.valid[slot].copy_(finite)
-            self.age[slot].fill_(0.0)
+            torch.where(finite, self.zero, self.inf, out=self.age[slot])
             torch.where(finite, mean, self.zero, out=self.mean[slot])
             torch.where(finite, var, self.zero, out=self.var[slot])
         else:
@@ -136,7 +137,8 @@ class MomentWindow(ScratchTensors):
             new_mean = merged(old_mean, mean)
             self.var[slot] = torch.where(finite, merged(old_var, var) + spread, old_var)
             self.mean[slot] = new_mean
-        self.positions[slot].fill_(float(total))
+        if count_positions:
+            self.positions[slot].fill_(float(total))
 
         if derivatives is not None and (first or self.compensable[slot]):
             patch_mean, sqmean_grad = derivatives
