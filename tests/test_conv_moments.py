@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from mmcbn.layers.conv_moments import (ConvGeometry, compensate, compensation_backward,
-                                       moment_derivatives, output_moments)
+from mmcbn.layers.conv_moments import (ConvGeometry, PositionSample, compensate,
+                                       compensation_backward, identity_excess, moment_derivatives,
+                                       output_moments)
 
 CONV_SHAPES = [
     # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode
@@ -124,3 +125,34 @@ def test_compensation_backward_is_autograd_of_the_compensated_moments(groups):
                                    clamp=False)
     torch.testing.assert_close(got_mean, mean_hat.detach())
     torch.testing.assert_close(got_var, (sqmean_hat - mean_hat**2).detach())
+
+
+@pytest.mark.parametrize('conv', [
+    nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),  # the weight-gradient route
+    nn.Conv2d(4, 12, 1),  # a widening 1x1 conv: the Gram-matrix route
+], ids=['3x3', 'widening_1x1'])
+def test_sampled_derivative_averages_to_the_exact_one_over_all_offsets(conv):
+    """Every position is in exactly one (row, col, image) offset of the grid, so the estimates of
+    all offsets average to the exact derivative: the estimator is unbiased."""
+    torch.manual_seed(0)
+    conv = conv.double()
+    x = torch.randn(5, 4, 11, 13, dtype=torch.float64)
+    y = conv(x).detach()
+    geometry = ConvGeometry.of(conv)
+    exact_mean, exact = moment_derivatives(x, y, geometry, conv.weight, conv.bias)
+    stride, batch_stride = 2, 2
+    estimates = []
+    for row in range(stride):
+        for col in range(stride):
+            for image in range(batch_stride):
+                sample = PositionSample(stride, batch_stride, row, col, image)
+                patch_mean, sqmean_grad = moment_derivatives(x, y, geometry, conv.weight,
+                                                             conv.bias, sample)
+                torch.testing.assert_close(patch_mean, exact_mean)  # always exact
+                estimates.append(sqmean_grad)
+    assert not torch.allclose(estimates[0], exact, rtol=1e-3)  # one offset alone is noisy
+    torch.testing.assert_close(torch.stack(estimates).mean(0), exact)
+    # Euler's identity holds for the exact derivative only
+    mean, var = output_moments(y)
+    assert identity_excess(exact, conv.weight, conv.bias, mean, var).abs().max() < 1e-10
+    assert identity_excess(estimates[0], conv.weight, conv.bias, mean, var).abs().max() > 1e-3

@@ -369,3 +369,64 @@ def test_same_batch_after_an_optimizer_step_is_a_new_iteration():
         opt.step()
     assert len(cbn._window) == 3 and all(cbn._window.compensable[s] for s in cbn._window.committed)
     assert cbn.window_stats()['mean'].shape[0] == 2
+
+
+def _sampled_run(steps=4, **kwargs):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(8, window_size=3, **kwargs).double()
+    cbn.bind(conv)
+    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=0.05)
+    outs = []
+    for it in range(steps):
+        cbn.iteration = it
+        x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+        out = cbn(conv(x))
+        out.square().mean().backward()
+        outs.append((out.detach(), conv.weight.grad.clone()))
+        opt.step()
+        opt.zero_grad()
+    return conv, cbn, outs
+
+
+def test_sampled_derivative_with_a_budget_above_the_map_is_the_exact_one():
+    _, _, exact = _sampled_run()
+    _, _, budget = _sampled_run(derivative_positions=2 * 12 * 12)
+    for (out_a, grad_a), (out_b, grad_b) in zip(exact, budget):
+        assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+
+
+def test_sampled_derivative_leaves_an_entry_unchanged_at_its_own_weights():
+    """The trap of Euler's identity: a sampled d E[y^2]/dW does not satisfy it, so the
+    compensation subtracts the entry's excess; at unchanged weights an entry is what was recorded."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 8, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(8, window_size=3, derivative_positions=20).double()
+    cbn.bind(conv)
+    for it in range(3):  # no optimizer step: the weights never move
+        cbn.iteration = it
+        cbn(conv(torch.randn(2, 4, 12, 12, dtype=torch.float64)))
+    stats = cbn.window_stats()
+    assert stats['mean'].shape[0] == 2
+    torch.testing.assert_close(stats['mean'], stats['raw_mean'], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(stats['var'], stats['raw_var'], rtol=1e-12, atol=1e-12)
+    assert cbn._window.excess.abs().max() > 1e-3  # the sampled derivative did miss the identity
+
+
+def test_sampled_derivative_is_seeded_and_leaves_the_global_generators_alone():
+    import random
+    conv = nn.Conv2d(4, 8, 3, padding=1)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3, derivative_positions=40)
+    cbn.bind(conv)
+    x = torch.ones(2, 4, 12, 12)
+    torch_state, py_state = torch.get_rng_state(), random.getstate()
+    for it in range(3):
+        cbn.iteration = it
+        cbn(conv(x))
+    assert torch.equal(torch.get_rng_state(), torch_state) and random.getstate() == py_state
+    _, _, first = _sampled_run(derivative_positions=40)
+    _, _, second = _sampled_run(derivative_positions=40)
+    _, _, exact = _sampled_run()
+    for (out_a, grad_a), (out_b, grad_b) in zip(first, second):
+        assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
+    assert not torch.equal(first[-1][1], exact[-1][1])  # the sample did change the gradient

@@ -3,13 +3,15 @@
 Variants, measured side by side (interleaved, median over repeats) on each conv shape:
   BN              conv + nn.BatchNorm2d
   CBN k=2/4/8     conv + CrossIterationBatchNorm2d(window_size=k), full window
+  CBN k=4 stop-grad  window_grad=False: no gradient through the entries (the paper's backward)
+  CBN k=4 1/16 pos   d E[y^2]/dW from 1/16 of the output positions (derivative_positions)
   naive CBN k=4   the same without compensation (the paper's ablation)
   autograd k=4    the authors' approach, re-written here for comparison: two autograd.grad calls per
                   layer per iteration and dmu/dW, dnu/dW and W stored per entry (3|W|)
 
 Each step runs forward, backward and an SGD update (so the weights move and compensation is real);
 the time of forward + backward is reported as a ratio to BN. Window memory is in floats and as a
-multiple of (k - 1) * |W|.
+multiple of k * |W| (CBN keeps k slots: the k - 1 entries in use and the iteration's own).
 
 Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15]
 """
@@ -65,7 +67,7 @@ class AutogradStyleCBN(nn.Module):
         return sum(t.numel() for e in self.entries for t in e)
 
 
-def make_variant(name, shape, device):
+def make_variant(name, shape, device, batch):
     cin, cout, k, s, p, _ = shape
     conv = nn.Conv2d(cin, cout, k, s, p, bias=False).to(device)
     if name == 'BN':
@@ -77,9 +79,13 @@ def make_variant(name, shape, device):
         forward = lambda x: norm(conv(x), conv.weight)  # noqa: E731
         floats = norm.window_floats
     else:
-        window = int(name.split('=')[1])
-        norm = CrossIterationBatchNorm2d(cout, window_size=window,
-                                         compensation=not name.startswith('naive')).to(device)
+        window = int(name.split('=')[1].split()[0])
+        size = (shape[5] + 2 * p - k) // s + 1
+        norm = CrossIterationBatchNorm2d(
+            cout, window_size=window, compensation=not name.startswith('naive'),
+            window_grad=not name.endswith('stop-grad'),
+            derivative_positions=batch * size * size // 16 if name.endswith('1/16 pos') else None
+        ).to(device)
         norm.bind(conv)
         forward = lambda x: norm(conv(x))  # noqa: E731
         floats = lambda: norm.window_nbytes() // 4  # noqa: E731
@@ -95,14 +101,15 @@ def sync(device):
 
 def run(args):
     device = torch.device(args.device)
-    names = ['BN', 'CBN k=2', 'CBN k=4', 'CBN k=8', 'naive CBN k=4', 'autograd k=4']
+    names = ['BN', 'CBN k=2', 'CBN k=4', 'CBN k=8', 'CBN k=4 stop-grad', 'CBN k=4 1/16 pos',
+             'naive CBN k=4', 'autograd k=4']
     rows = []
     for shape_name, shape in SHAPES.items():
         torch.manual_seed(0)
         cin, _, _, _, _, size = shape
         x = torch.randn(args.batch, cin, size, size, device=device,
                         requires_grad=not shape_name.startswith('stem'))
-        variants = {n: make_variant(n, shape, device) for n in names}
+        variants = {n: make_variant(n, shape, device, args.batch) for n in names}
         times = {n: [] for n in names}
         for rep in range(args.repeats + args.warmup):
             for n in names:  # interleaved, so drift on a noisy machine hits every variant alike
@@ -124,13 +131,13 @@ def run(args):
         for n in names:
             med = statistics.median(times[n])
             floats = variants[n][4]()
-            k = int(n.split('=')[1]) if '=' in n else 1
+            k = int(n.split('=')[1].split()[0]) if '=' in n else 1
             rows.append((shape_name, n, med * 1e3, med / bn_time, floats,
-                         floats / ((k - 1) * weight_floats) if k > 1 else 0.0))
+                         floats / (k * weight_floats) if k > 1 else 0.0))
     print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
           f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
           f'batch {args.batch}, median of {args.repeats}')
-    print('| conv | variant | fwd+bwd ms | x BN | window floats | / ((k-1)|W|) |')
+    print('| conv | variant | fwd+bwd ms | x BN | window floats | / (k |W|) |')
     print('|---|---|---:|---:|---:|---:|')
     for shape_name, n, ms, ratio, floats, per_w in rows:
         print(f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | '

@@ -17,6 +17,8 @@ where the derivatives were taken, an entry recorded at old weights is moved to t
 Both are linear in ``(W_t, b_t)``; :func:`compensation_backward` is their adjoint, which carries a
 gradient through the compensated entries to the current conv parameters.
 """
+import math
+import random
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -119,9 +121,67 @@ def _output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding)
     return _weight_grad(y, x, geometry.weight_shape, geometry, geometry.groups, padding)
 
 
+@dataclass(frozen=True)
+class PositionSample:
+    """A subset of a conv's output positions: every ``stride``-th row and column from
+    ``(row, col)`` in every ``batch_stride``-th image from ``image``. With the offsets drawn
+    uniformly, each position is in the subset with probability ``1 / (stride**2 * batch_stride)``,
+    so a sum over the subset times that many is an unbiased estimate of the sum over all."""
+    stride: int
+    batch_stride: int
+    row: int
+    col: int
+    image: int
+
+    @property
+    def inverse_probability(self) -> int:
+        return self.stride * self.stride * self.batch_stride
+
+
+def choose_position_sample(shape: Tuple[int, int, int, int], budget: Optional[int],
+                           rng: random.Random) -> Optional[PositionSample]:
+    """A :class:`PositionSample` of about ``budget`` positions of an NCHW output, or None (all
+    positions) when it has no more than that. Spatial strides first, up to the map's size (so small
+    maps such as RoI features are sampled along the batch); offsets from ``rng``."""
+    n, _, ho, wo = shape
+    if budget is None or n * ho * wo <= budget:
+        return None
+    ratio = n * ho * wo / budget
+    stride = max(1, min(int(math.sqrt(ratio)), ho, wo))
+    batch_stride = max(1, min(n, math.ceil(ratio / stride**2)))
+    if stride == 1 and batch_stride == 1:
+        return None
+    return PositionSample(stride, batch_stride, rng.randrange(stride), rng.randrange(stride),
+                          rng.randrange(batch_stride))
+
+
+def _sampled_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding,
+                                  sample: PositionSample) -> Tensor:
+    """``sum over the sampled positions of y_c * p``: the same weight-gradient conv with stride
+    ``sample.stride * s`` over the (explicitly padded) input cropped at the sample's offset."""
+    r = sample.stride
+    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
+    kh, kw = geometry.weight_shape[2:]
+    ph, pw = padding
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    y = y[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
+    rows, cols = y.shape[2:]
+    top, left = sample.row * sh, sample.col * sw
+    x = x[sample.image::sample.batch_stride, :,
+          top:top + (rows - 1) * r * sh + dh * (kh - 1) + 1,
+          left:left + (cols - 1) * r * sw + dw * (kw - 1) + 1]
+    shape_only = x.new_empty(()).expand(geometry.weight_shape)
+    _, grad_w, _ = torch.ops.aten.convolution_backward(
+        y, x, shape_only, None, [r * sh, r * sw], [0, 0], [dh, dw], False, [0, 0],
+        geometry.groups, [False, True, False])
+    return grad_w
+
+
 def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
                        weight: Optional[Tensor] = None,
-                       bias: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+                       bias: Optional[Tensor] = None,
+                       sample: Optional[PositionSample] = None) -> Tuple[Tensor, Tensor]:
     """Derivatives of the output moments w.r.t. the conv weight, computed analytically.
 
     Args:
@@ -131,6 +191,8 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
         weight, bias: the conv's parameters that gave ``y``. Optional; with them a 1x1 conv that
             widens the channels (ungrouped, unpadded, float32/64 output) takes the cheaper route
             through the input's Gram matrix (the result is the same).
+        sample: estimate ``sqmean_grad`` from these output positions only (unbiased; the patch
+            mean stays exact). None: every position.
 
     Returns:
         ``patch_mean`` of shape ``[groups, K]`` (``d mean_c / d W_c`` for every ``c`` in a group) and
@@ -149,9 +211,13 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
               if (kh, kw) == (1, 1) and tuple(padding) == (0, 0) else None)
     if (pixels is not None and weight is not None and full_precision_y and g == 1
             and cin_g < c_out):
-        return _widening_1x1_derivatives(pixels, weight, bias)
+        return _widening_1x1_derivatives(pixels, weight, bias, sample)
     # scaling the small result instead of grad_y saves a pass over the output
-    sqmean_grad = _output_patch_product(y, x, geometry, padding).mul_(2.0 / num_positions)
+    if sample is None:
+        sqmean_grad = _output_patch_product(y, x, geometry, padding).mul_(2.0 / num_positions)
+    else:
+        sqmean_grad = _sampled_output_patch_product(y, x, geometry, padding, sample).mul_(
+            2.0 * sample.inverse_probability / num_positions)
     # d mean / d W: the mean patch.
     if pixels is not None:
         patch_mean = pixels.mean((0, 2, 3))
@@ -162,8 +228,8 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
 
 
-def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor,
-                              bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor, bias: Optional[Tensor],
+                              sample: Optional[PositionSample] = None) -> Tuple[Tensor, Tensor]:
     """``moment_derivatives`` of an ungrouped, unpadded 1x1 conv from the input's Gram matrix;
     ``pixels``: the input at the output positions, ``[N, K, Ho, Wo]``.
 
@@ -174,7 +240,12 @@ def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor,
     patches = pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
     num_positions = patches.shape[0]
     patch_mean = patches.mean(0, keepdim=True)  # [1, K]
-    gram = patches.t().mm(patches).div_(num_positions)
+    if sample is not None:  # the Gram matrix of the sampled positions, scaled to an estimate
+        r = sample.stride
+        patches = pixels[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
+        patches = patches.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
+    scale = (sample.inverse_probability if sample is not None else 1) / num_positions
+    gram = patches.t().mm(patches).mul_(scale)
     w = weight.detach().to(patches.dtype).reshape(weight.shape[0], -1)
     sqmean_grad = w.mm(gram)
     if bias is not None:
@@ -183,7 +254,8 @@ def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor,
 
 
 def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
-               bias: Optional[Tensor], clamp: bool = True) -> Tuple[Tensor, Tensor]:
+               bias: Optional[Tensor], clamp: bool = True,
+               excess: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Moves recorded moments to the current conv weights (first-order Taylor, exact for the mean).
 
     Args:
@@ -194,6 +266,8 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
         weight: the current conv weight ``[C, C_in // groups, kh, kw]``; bias: ``[C]`` or None.
         clamp: clamp the variance at 0; False leaves it to the caller (which pools entries across
             processes first).
+        excess: ``[E, C]`` :func:`identity_excess` of each entry, for sampled derivatives (None:
+            exact ones, whose excess is 0).
 
     Returns:
         The compensated ``mean`` and ``var`` ``[E, C]``, where ``var = max(sqmean, mean^2) - mean^2``:
@@ -210,6 +284,8 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
     # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old
     sqmean_hat = torch.bmm(sqmean_grad, w.unsqueeze(-1)).view(channels, num_entries).t()
     sqmean_hat = sqmean_hat - torch.addcmul(var, mean, mean)
+    if excess is not None:
+        sqmean_hat = sqmean_hat.sub_(excess)
     if bias is not None:
         b = bias.detach().to(mean.dtype)
         mean_hat = mean_hat + b
@@ -244,3 +320,18 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
     grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad)
     grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean, value=2.0).sum(0) if with_bias else None
     return grad_weight.reshape(channels, k), grad_bias
+
+
+def identity_excess(sqmean_grad: Tensor, weight: Tensor, bias: Optional[Tensor], mean: Tensor,
+                    var: Tensor) -> Tensor:
+    """``<sqmean_grad, W> + 2 b mean - 2 sqmean`` per channel, at the weights the derivative was
+    taken at: 0 for the exact derivative (Euler's identity), not for a sampled one, whose
+    compensation must subtract it (else its noise enters through the identity; :func:`compensate`'s
+    ``excess``)."""
+    channels = weight.shape[0]
+    w = weight.detach().to(sqmean_grad.dtype).reshape(channels, 1, -1)
+    excess = torch.bmm(w, sqmean_grad.unsqueeze(-1)).view(channels)
+    excess = excess - 2.0 * torch.addcmul(var, mean, mean)
+    if bias is not None:
+        excess = excess.addcmul_(bias.detach().to(excess.dtype), mean, value=2.0)
+    return excess

@@ -1,4 +1,5 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) as a drop-in BatchNorm2d."""
+import random
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -12,7 +13,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
                       input_contradicts_binding)
-from .conv_moments import compensate, moment_derivatives, output_moments
+from .conv_moments import (choose_position_sample, compensate, identity_excess, moment_derivatives,
+                           output_moments)
 from .distributed import is_distributed, pool_moments
 from .normalize import NormalizeWithWindow, WindowGradTerms
 from .running_drift import RunningDrift
@@ -94,6 +96,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             stably at windows 8-16 and without burn-in where the constants do not; see
             docs/evidence.md). Costs one small batched product per layer in the backward and one
             more window slot. Default: True.
+        derivative_positions: estimate ``d E[y^2]/dW`` (the compensation's weight-gradient GEMM)
+            from about this many output positions, a strided grid with a random offset (unbiased;
+            the mean's derivative stays exact; drawn from the layer's own generator, seeded from
+            ``torch.initial_seed()``, so runs repeat under a seed and the global RNG is untouched).
+            Maps with fewer positions stay exact; None: always exact. Default: None.
         running_stats_source: ``'batch'`` updates the running statistics from the current batch
             alone, as BN does; ``'window'`` from the window estimate. ``'batch'`` measured as good or
             better at batch 2 (``tools/compare_running_stats.py``, see the README). Default:
@@ -128,6 +135,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                  process_group=None,
                  compensate_running_stats: Optional[bool] = None,
                  window_grad: bool = True,
+                 derivative_positions: Optional[int] = None,
                  device=None,
                  dtype=None) -> None:
         check_int('num_features', num_features, 1)
@@ -142,6 +150,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if not isinstance(value, bool):
                 raise TypeError(f'{name} must be True or False, got {value!r}')
         check_int('window_size', window_size, 1)
+        if derivative_positions is not None:
+            check_int('derivative_positions', derivative_positions, 1)
         if running_stats_source not in RUNNING_STATS_SOURCES:
             raise ValueError(f'running_stats_source must be one of {RUNNING_STATS_SOURCES}, '
                              f'got {running_stats_source!r}')
@@ -162,6 +172,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self.process_group = process_group
         self.compensate_running_stats = compensate_running_stats
         self.window_grad = window_grad
+        self.derivative_positions = derivative_positions
+        self._position_rng: Optional[random.Random] = None
         self._drift = RunningDrift()
         self._effective_window = window_size
         #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
@@ -363,6 +375,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return (f'{super().extra_repr()}, window_size={self.window_size}, '
                 f'compensation={self.compensation}' + (', sync=True' if self.sync else '') +
                 ('' if self.window_grad else ', window_grad=False') +
+                (f', derivative_positions={self.derivative_positions}'
+                 if self.derivative_positions is not None else '') +
                 ('' if self.compensate_running_stats else ', compensate_running_stats=False'))
 
     # ------------------------------------------------------------------ forward
@@ -387,17 +401,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         derivatives = self._drift_derivatives(usable, conv_input, input)
         if derivatives is not None:
             finite = torch.isfinite(derivatives[0].sum() + derivatives[1].sum())
-            self._drift.update(*derivatives, self.binding.weight, self.binding.bias,
+            self._drift.update(*derivatives[:2], self.binding.weight, self.binding.bias,
                                input.numel() // input.shape[1], self._ema_factor(), finite)
         return out
 
     def _tracks_drift(self) -> bool:
         return self.compensate_running_stats and self.running_mean is not None
 
-    def _drift_derivatives(self, usable: bool, conv_input: Optional[Tensor],
-                           output: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    def _drift_derivatives(self, usable: bool, conv_input: Optional[Tensor], output: Tensor,
+                           moments: Optional[Tuple[Tensor, Tensor]] = None
+                           ) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
         if usable and conv_input is not None and self.binding.trainable:
-            return self._derivatives(conv_input, output)
+            return self._derivatives(conv_input, output, moments)
         return None
 
     def _ema_factor(self) -> float:
@@ -473,7 +488,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             with torch.no_grad():  # every slot at once: one batched product, no gather
                 mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
                                                window.sqmean_grad, binding.weight, binding.bias,
-                                               clamp=False)
+                                               clamp=False, excess=window.excess)
             if all(compensated):
                 mean, var, share = mean_hat, var_hat, use
             else:
@@ -562,13 +577,15 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             window = self._window
             if want_derivatives and window.pending is not None and \
                     not window.compensable[window.pending]:
-                window.fill_derivatives(self._derivatives(conv_input, input), finite)
+                window.fill_derivatives(
+                    self._derivatives(conv_input, input, (local_mean, local_var)), finite)
             return out
 
         state.calls.append((local_mean, local_var))
         derivatives = None
         if (want_derivatives and self._window.capacity > 0) or tracks_drift:
-            derivatives = self._drift_derivatives(usable, conv_input, input)
+            derivatives = self._drift_derivatives(usable, conv_input, input,
+                                                  (local_mean, local_var))
         if self._window.capacity > 0:
             if self._window.pending is None:
                 self._window.open_pending()
@@ -580,7 +597,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
                                        num_entries * batch_count, finite)
             if tracks_drift and derivatives is not None:
-                self._drift.update(*derivatives, self.binding.weight, self.binding.bias,
+                self._drift.update(*derivatives[:2], self.binding.weight, self.binding.bias,
                                    num_positions, self._ema_factor(), finite)
         return out
 
@@ -588,11 +605,27 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         binding = self.binding
         return None if binding is None else binding.weight._version
 
-    def _derivatives(self, conv_input: Tensor, output: Tensor) -> Tuple[Tensor, Tensor]:
+    def _derivatives(self, conv_input: Tensor, output: Tensor,
+                     moments: Optional[Tuple[Tensor, Tensor]] = None
+                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """``patch_mean``, ``sqmean_grad`` and, for a sampled ``sqmean_grad`` and the batch's
+        ``moments`` given, its :func:`~mmcbn.layers.conv_moments.identity_excess`."""
+        sample = None
+        if self.derivative_positions is not None:
+            if self._position_rng is None:
+                self._position_rng = random.Random(
+                    f'{torch.initial_seed()}/{self.layer_name}/{self.num_features}')
+            sample = choose_position_sample(tuple(output.shape), self.derivative_positions,
+                                            self._position_rng)
         with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
             binding = self.binding
-            return moment_derivatives(conv_input.detach(), output.detach(), binding.geometry,
-                                      binding.weight, binding.bias)
+            patch_mean, sqmean_grad = moment_derivatives(
+                conv_input.detach(), output.detach(), binding.geometry, binding.weight,
+                binding.bias, sample)
+            excess = None
+            if sample is not None and moments is not None:
+                excess = identity_excess(sqmean_grad, binding.weight, binding.bias, *moments)
+        return patch_mean, sqmean_grad, excess
 
     @torch.no_grad()
     def _update_running_stats(self, mean, var, batch_count, mean_bar, var_bar, count, finite):

@@ -33,7 +33,7 @@ class MomentWindow(ScratchTensors):
         capacity: number of slots (the window size, current batch included; 0 for a window of 1).
     """
     tensor_names = ('mean', 'var', 'compensable_mask', 'age', 'positions', 'zero', 'inf',
-                    'patch_mean', 'sqmean_grad')
+                    'patch_mean', 'sqmean_grad', 'excess')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -50,6 +50,7 @@ class MomentWindow(ScratchTensors):
         self.inf: Optional[Tensor] = None
         self.patch_mean: Optional[Tensor] = None
         self.sqmean_grad: Optional[Tensor] = None
+        self.excess: Optional[Tensor] = None  # [capacity, C], for sampled derivatives only
         self.num_positions: List[int] = [0] * self.capacity
         self.num_calls: List[int] = [0] * self.capacity
         self.compensable: List[bool] = [False] * self.capacity
@@ -107,7 +108,8 @@ class MomentWindow(ScratchTensors):
             self.sqmean_grad = sqmean_grad.new_zeros(shape)
 
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
-               derivatives: Optional[Tuple[Tensor, Tensor]], count_positions: bool = False) -> None:
+               derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
+               count_positions: bool = False) -> None:
         """Writes one call's statistics into the pending slot, merging with earlier calls in it.
 
         Merging weights each call by its number of positions, so the slot holds the statistics (and
@@ -141,19 +143,22 @@ class MomentWindow(ScratchTensors):
             self.positions[slot].fill_(float(total))
 
         if derivatives is not None and (first or self.compensable[slot]):
-            patch_mean, sqmean_grad = derivatives
+            patch_mean, sqmean_grad, excess = derivatives
             if first:
-                self._write_derivatives(slot, patch_mean, sqmean_grad, finite)
+                self._write_derivatives(slot, patch_mean, sqmean_grad, excess, finite)
             else:
-                self._write_derivatives(slot, merged(self.patch_mean[:, slot], patch_mean),
-                                        merged(self.sqmean_grad[:, slot], sqmean_grad))
+                self._write_derivatives(
+                    slot, merged(self.patch_mean[:, slot], patch_mean),
+                    merged(self.sqmean_grad[:, slot], sqmean_grad),
+                    None if excess is None else merged(self.excess[slot], excess))
         elif first or self.compensable[slot]:
             self.compensable[slot] = False
             self.compensable_mask[slot].fill_(0.0)
         self.num_positions[slot] = total
         self.num_calls[slot] += 1
 
-    def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor], finite: Tensor) -> None:
+    def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor, Optional[Tensor]],
+                         finite: Tensor) -> None:
         """Adds derivatives to a pending entry recorded by a single call that could not compute them
         (e.g. the no-grad first pass of gradient checkpointing, before its recomputation)."""
         slot = self.pending
@@ -162,16 +167,20 @@ class MomentWindow(ScratchTensors):
         self._write_derivatives(slot, *derivatives, finite)
 
     def _write_derivatives(self, slot: int, patch_mean: Tensor, sqmean_grad: Tensor,
-                           finite: Optional[Tensor] = None) -> None:
+                           excess: Optional[Tensor], finite: Optional[Tensor] = None) -> None:
         """Stores a slot's derivatives; with ``finite`` given, a non-finite batch's as zeros (the
         backward contracts over every slot, where a NaN would reach the conv's gradient)."""
         self._allocate_derivatives(patch_mean, sqmean_grad)
-        if finite is None:
-            self.patch_mean[:, slot] = patch_mean
-            self.sqmean_grad[:, slot] = sqmean_grad
-        else:
-            torch.where(finite, patch_mean, self.zero, out=self.patch_mean[:, slot])
-            torch.where(finite, sqmean_grad, self.zero, out=self.sqmean_grad[:, slot])
+        if excess is not None and self.excess is None:
+            self.excess = torch.zeros_like(self.mean)
+        pairs = [(self.patch_mean[:, slot], patch_mean), (self.sqmean_grad[:, slot], sqmean_grad)]
+        if excess is not None:
+            pairs.append((self.excess[slot], excess))
+        for stored, new in pairs:
+            if finite is None:
+                stored.copy_(new)
+            else:
+                torch.where(finite, new, self.zero, out=stored)
         if not self.compensable[slot]:
             self.compensable[slot] = True
             self.compensable_mask[slot].fill_(1.0)
