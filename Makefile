@@ -12,11 +12,12 @@ PYTEST_ARGS ?=
 
 install: $(STAMP)
 
-$(STAMP): setup.cfg pyproject.toml
+# constraints.txt pins every package version the test suite passed with
+$(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install setuptools==80.9.0 wheel ninja
-	$(MMCV_BUILD_ENV) $(BIN)/pip install --no-build-isolation -e ".[tests]"
+	$(BIN)/pip install -c constraints.txt torch
+	$(BIN)/pip install -c constraints.txt setuptools wheel ninja
+	$(MMCV_BUILD_ENV) $(BIN)/pip install -c constraints.txt --no-build-isolation -e ".[tests]"
 	touch $(STAMP)
 
 test: install
