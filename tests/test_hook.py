@@ -50,6 +50,8 @@ class RecordWindows(Hook):
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         model = runner.model
+        if not isinstance(model, ToyModel):
+            return
         self.windows[runner.iter] = (getattr(model.bn1, 'effective_window', None),
                                      getattr(model.neck[1], 'effective_window', None),
                                      getattr(model.bn1, 'iteration', None))
@@ -188,3 +190,49 @@ def test_sync_bn_config_keeps_cbn(tmp_path):
     assert isinstance(converted.other, nn.SyncBatchNorm)
     import mmengine.runner.runner as runner_module
     assert runner_module.convert_sync_batchnorm is convert_sync_batchnorm
+
+
+class ResNetClassifier(BaseModel):
+    """mmdet's ResNet-18 with its defaults (norm_eval=True, frozen_stages=-1) and CBN."""
+
+    def __init__(self, **backbone_args):
+        super().__init__()
+        from mmdet.models.backbones import ResNet
+        self.backbone = ResNet(18, norm_cfg=dict(type='CBN', window_size=2), **backbone_args)
+        self.head = nn.Linear(512, 2)
+
+    def forward(self, inputs, label, mode='tensor'):
+        logits = self.head(self.backbone(inputs)[-1].mean((2, 3)))
+        if mode == 'loss':
+            return dict(loss=nn.functional.cross_entropy(logits, label))
+        return logits
+
+
+@pytest.mark.parametrize('backbone_args, stuck, frozen', [
+    (dict(), 20, 0),  # mmdet's defaults: norm_eval=True puts every norm layer in eval mode
+    (dict(frozen_stages=1), 15, 5),  # the stem and layer1 frozen on purpose
+    (dict(norm_eval=False), 0, 0),
+    (dict(norm_eval=False, frozen_stages=1), 0, 5),
+], ids=['defaults', 'frozen_stages', 'norm_eval_false', 'norm_eval_false_frozen'])
+def test_norm_eval_trap_is_named_once_at_the_first_iteration(tmp_path, backbone_args, stuck,
+                                                             frozen):
+    model = ResNetClassifier(**backbone_args)
+    runner, _ = _runner(tmp_path, 'norm_eval', dict(type='CBNHook'),
+                        dict(type='IterBasedTrainLoop', max_iters=2), model=model)
+    warned, infos = [], []
+    runner.logger.warning, runner.logger.info = warned.append, infos.append
+    runner.train()
+    traps = [m for m in warned if 'in eval mode while the model trains' in m]
+    frozen_logs = [m for m in infos if 'are frozen' in m]
+    # the fact itself: the driven layers' modes during training
+    cbns = [m for m in model.backbone.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    assert sum(not m.training for m in cbns) == stuck + frozen
+    if stuck:
+        assert len(traps) == 1, warned  # once, not per iteration
+        assert f'{stuck} of 20 CBN layers' in traps[0] and 'norm_eval' in traps[0]
+        assert 'backbone.bn1' in traps[0] or 'backbone.layer' in traps[0]
+    else:
+        assert not traps, traps
+    assert len(frozen_logs) == (1 if frozen else 0), infos
+    if frozen:
+        assert f'{frozen} CBN layers are frozen' in frozen_logs[0]

@@ -92,6 +92,7 @@ class CBNHook(Hook):
         self._stats_stale = False  # trained since the last re-estimation
         self._driven: Dict[str, CrossIterationBatchNorm2d] = {}
         self._graph_bound_pending: List[str] = []
+        self._modes_checked = False
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
@@ -161,6 +162,9 @@ class CBNHook(Hook):
     def before_train_iter(self, runner, batch_idx: int, data_batch=None) -> None:
         if not self._driven:
             return
+        if not self._modes_checked:
+            self._modes_checked = True
+            self._check_train_modes(runner)
         window = 1
         for layer in self._driven.values():
             target = self.window_size or layer.window_size
@@ -200,6 +204,28 @@ class CBNHook(Hook):
                                   're-estimation: their running statistics are unchanged')
         runner.message_hub.update_scalar('train/precise_bn_time', report.seconds)
 
+    def _check_train_modes(self, runner) -> None:
+        """Warns once when driven layers sit in eval mode while the model trains: they normalise
+        with their running statistics and never use the window (mmdet's ResNet does this to every
+        norm layer with ``norm_eval=True``, its default). Layers whose parameters are frozen (mmdet's
+        ``frozen_stages``) are frozen on purpose: named in the log, not warned about."""
+        if not self._model(runner).training:
+            return
+        idle = [n for n, m in self._driven.items() if not m.training]
+        frozen = [n for n in idle if not any(p.requires_grad for p in self._driven[n].parameters())]
+        stuck = [n for n in idle if n not in frozen]
+        if frozen:
+            runner.logger.info(f'CBNHook: {len(frozen)} CBN layers are frozen (parameters without '
+                               f'gradient, e.g. frozen_stages) and stay in eval mode: '
+                               f'{_few(frozen)}')
+        if stuck:
+            runner.logger.warning(
+                f'CBNHook: {len(stuck)} of {len(self._driven)} CBN layers are in eval mode while '
+                f'the model trains, so they normalise with their running statistics and never use '
+                f'the window: {_few(stuck)}. The likely cause is norm_eval=True, the default of '
+                "mmdet's ResNet backbone; set model.backbone.norm_eval=False (or the norm_eval of "
+                'the module that holds them) to train them as CBN.')
+
     def _log_graph_bindings(self, runner) -> None:
         if not self._graph_bound_pending:
             return
@@ -218,6 +244,11 @@ class CBNHook(Hook):
                 n for n in self._graph_bound_pending
                 if self._driven[n].binding is None and self._driven[n].unbound_reason is None
             ]
+
+
+def _few(names: List[str], shown: int = 4) -> str:
+    return ', '.join(names[:shown]) + (f', ... ({len(names) - shown} more)' if len(names) > shown
+                                       else '')
 
 
 def _is_iter_based(runner) -> bool:
