@@ -430,3 +430,31 @@ def test_sampled_derivative_is_seeded_and_leaves_the_global_generators_alone():
     for (out_a, grad_a), (out_b, grad_b) in zip(first, second):
         assert torch.equal(out_a, out_b) and torch.equal(grad_a, grad_b)
     assert not torch.equal(first[-1][1], exact[-1][1])  # the sample did change the gradient
+
+
+@pytest.mark.parametrize('window_size, effective_window', [(3, 1), (1, 1)],
+                         ids=['burn_in', 'window_of_one'])
+def test_non_finite_batch_never_enters_running_stats_during_burn_in(window_size,
+                                                                    effective_window):
+    """The window-1 path (burn-in, or a layer of window 1) keeps the window path's guarantee."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=window_size)
+    cbn.bind(conv)
+    cbn.effective_window = effective_window
+    for it in range(3):
+        cbn.iteration = it
+        cbn(conv(torch.randn(2, 3, 8, 8)))
+    running = cbn.running_mean.clone(), cbn.running_var.clone()
+    drift = [getattr(cbn._drift, n).clone() for n in cbn._drift.tensor_names]
+    assert drift, 'the compensation terms are tracked during burn-in'
+    bad = torch.randn(2, 3, 8, 8)
+    bad[1, 2, 3, 4] = float('nan')
+    cbn.iteration = 3
+    out = cbn(conv(bad))
+    assert not torch.isfinite(out).all()
+    assert torch.equal(cbn.running_mean, running[0]) and torch.equal(cbn.running_var, running[1])
+    assert all(torch.equal(before, getattr(cbn._drift, name))
+               for before, name in zip(drift, cbn._drift.tensor_names))
+    cbn.eval()
+    assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()

@@ -390,20 +390,13 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if self.training and (self._effective_window > 1 or self._sync_now()):
+        # a window of 1 (burn-in) takes the same path, so that a non-finite batch enters neither
+        # the running statistics nor their compensation there either
+        if self.training and (self._effective_window > 1 or self._sync_now() or
+                              self.track_running_stats):
             return self._forward_window(input)
-        if not (self.training and self._tracks_drift()):
-            self._captured = None
-            return super().forward(input)
-        # BN (burn-in, window 1) whose running statistics are compensated
-        usable, conv_input = self._conv_input(input, needed=True)
-        out = super().forward(input)
-        derivatives = self._drift_derivatives(usable, conv_input, input)
-        if derivatives is not None:
-            finite = torch.isfinite(derivatives[0].sum() + derivatives[1].sum())
-            self._drift.update(*derivatives[:2], self.binding.weight, self.binding.bias,
-                               input.numel() // input.shape[1], self._ema_factor(), finite)
-        return out
+        self._captured = None
+        return super().forward(input)
 
     def _tracks_drift(self) -> bool:
         return self.compensate_running_stats and self.running_mean is not None
@@ -525,7 +518,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return mean_bar, var_bar, state.weights[0]
 
     def _forward_window(self, input: Tensor) -> Tensor:
-        if self.iteration is None:
+        if self.iteration is None and self._effective_window > 1:
             _warn_no_iteration_source()
         tracks_drift = self._tracks_drift()
         usable, conv_input = self._conv_input(input, self.compensation or tracks_drift)
@@ -546,24 +539,28 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             # overflow); x * 0 == 0 holds for finite x only. Stays on the device.
             finite = var.sum().mul_(0.0).eq(0.0)
 
-        state = self._state
-        # A recomputation happens before the optimizer step: an in-place update of the bound conv's
-        # weight (its version counter moved) means a new iteration whatever the statistics say.
-        same_iteration = state is not None and (
-            state.iteration == self.iteration if self.iteration is not None else
-            state.weight_version in (None, self._weight_version()))
-        recompute = same_iteration and state.seen(local_mean, local_var)
-        if not recompute and (self.iteration is None or not same_iteration):
-            with full_precision:
-                state = self._state = self._start_iteration(compensate_now, sync)
-            state.weight_version = self._weight_version()
-
-        with torch.no_grad(), full_precision:
-            mean_bar, var_bar, inv_k = self._window_average(state, mean, var)
+        windowed = self._effective_window > 1  # else burn-in or BN: the batch alone, no record
+        state, recompute = self._state if windowed else None, False
+        if windowed:
+            # A recomputation happens before the optimizer step: an in-place update of the bound
+            # conv's weight (its version counter moved) means a new iteration whatever the
+            # statistics say.
+            same_iteration = state is not None and (
+                state.iteration == self.iteration if self.iteration is not None else
+                state.weight_version in (None, self._weight_version()))
+            recompute = same_iteration and state.seen(local_mean, local_var)
+            if not recompute and (self.iteration is None or not same_iteration):
+                with full_precision:
+                    state = self._state = self._start_iteration(compensate_now, sync)
+                state.weight_version = self._weight_version()
+            with torch.no_grad(), full_precision:
+                mean_bar, var_bar, inv_k = self._window_average(state, mean, var)
+        else:
+            mean_bar, var_bar, inv_k = mean, var, None
         if num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
-        terms = state.grad_terms if compensate_now else None
+        terms = state.grad_terms if compensate_now and state is not None else None
         binding = self.binding if terms is not None else None
         out = NormalizeWithWindow.apply(
             input, self.weight, self.bias, None if binding is None else binding.weight,
@@ -581,12 +578,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     self._derivatives(conv_input, input, (local_mean, local_var)), finite)
             return out
 
-        state.calls.append((local_mean, local_var))
+        if state is not None:
+            state.calls.append((local_mean, local_var))
         derivatives = None
-        if (want_derivatives and self._window.capacity > 0) or tracks_drift:
+        record = windowed and self._window.capacity > 0
+        if (want_derivatives and record) or tracks_drift:
             derivatives = self._drift_derivatives(usable, conv_input, input,
                                                   (local_mean, local_var))
-        if self._window.capacity > 0:
+        if record:
             if self._window.pending is None:
                 self._window.open_pending()
             self._window.record(local_mean, local_var, finite, num_positions,
