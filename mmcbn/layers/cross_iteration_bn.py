@@ -2,50 +2,25 @@
 import random
 import warnings
 import weakref
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
                       input_contradicts_binding)
-from .conv_moments import (choose_position_sample, compensate, identity_excess, moment_derivatives,
+from .conv_moments import (choose_position_sample, identity_excess, moment_derivatives,
                            output_moments)
 from .distributed import is_distributed, pool_moments
-from .normalize import NormalizeWithWindow, WindowGradTerms
+from .iteration_state import IterationState, start_iteration, window_average
+from .normalize import NormalizeWithWindow
 from .running_drift import RunningDrift
 from ..utils.validation import check_int, check_number
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
-
-
-@dataclass
-class _IterationState:
-    """What a layer computes once per iteration: its window at the current weights, in slot order
-    (``S`` slots; a slot that is not used has weight 0)."""
-    iteration: Optional[int]
-    slots: List[int]  # the used entries' slots, newest first (host bookkeeping, for window_stats)
-    mean: Optional[Tensor] = None  # [S, C] each slot's entry, compensated (None: no entries)
-    var: Optional[Tensor] = None  # [S, C], clamped at 0
-    weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
-    num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
-    grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
-    weight_version: Optional[int] = None  # the bound conv weight's version counter
-    calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
-
-    def seen(self, mean: Tensor, var: Tensor) -> bool:
-        """Whether a call this iteration had these statistics (a gradient-checkpoint recompute)."""
-        for m, v in self.calls:
-            tol_mean = 1e-5 * (v.sqrt() + m.abs()) + 1e-12
-            if bool(((m - mean).abs() <= tol_mean).all() &
-                    ((v - var).abs() <= 1e-5 * v + 1e-12).all()):
-                return True
-        return False
 
 
 @MODELS.register_module('CBN')
@@ -186,7 +161,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
         self._unbound_reason: Optional[str] = None
         self._captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
-        self._state: Optional[_IterationState] = None
+        self._state: Optional[IterationState] = None
         self._warned: set = set()
         self.last_mean: Optional[Tensor] = None
         self.last_var: Optional[Tensor] = None
@@ -463,59 +438,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             return False, None
         return True, conv_input_from_graph(input, binding)
 
-    def _start_iteration(self, compensate_now: bool, sync: bool) -> _IterationState:
-        """The window's entries at the current weights, in slot order, for every call this
-        iteration: device tensors only, no host sync."""
+    def _start_iteration(self, compensate_now: bool, sync: bool) -> IterationState:
         window = self._window
         window.commit_pending()
-        slots = window.recent(self._effective_window - 1)
-        state = _IterationState(self.iteration, slots)
-        if not slots:
-            return state
-        use = window.in_window(len(slots))  # [S]
-        mean, var = window.mean, window.var
-        share = None
-        binding = self.binding
-        compensated = [window.compensable[s] for s in slots]
-        if compensate_now and binding is not None and any(compensated):
-            with torch.no_grad():  # every slot at once: one batched product, no gather
-                mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
-                                               window.sqmean_grad, binding.weight, binding.bias,
-                                               clamp=False, excess=window.excess)
-            if all(compensated):
-                mean, var, share = mean_hat, var_hat, use
-            else:
-                use_hat = window.compensable_mask[:, None] > 0
-                mean = torch.where(use_hat, mean_hat, mean)
-                var = torch.where(use_hat, var_hat, var)
-                share = use * window.compensable_mask
-        if sync:  # pooled before the clamp, so the clamp sees the entry of all processes
-            counts = use * window.positions
-            mean, var, pooled = pool_moments(mean, var, counts, self.process_group)
-            use = (pooled > 0).to(use.dtype)
-            if share is not None:
-                share = share * window.positions / pooled.clamp_min(1.0)
-        if share is not None and self.window_grad:
-            state.grad_terms = WindowGradTerms.build(share, mean, var, window.mean,
-                                                     window.patch_mean, window.sqmean_grad)
-        state.mean, state.var = mean, var.clamp_min(0.0)
-        weights = F.pad(use, (1, 0), value=1.0)
-        state.num_entries = weights.sum()
-        state.weights = weights / state.num_entries
-        return state
-
-    def _window_average(self, state: _IterationState, mean: Tensor,
-                        var: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """The current batch's statistics averaged with the window's entries (the current batch's
-        share of the average, ``1/k``, last; None without entries)."""
-        if state.mean is None:
-            return mean, var, None
-        means = torch.cat([mean[None], state.mean])
-        mean_bar = state.weights @ means
-        # var = avg(var_i + mean_i^2) - mean^2, written about mean_bar (no cancellation)
-        spread = means - mean_bar
-        var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(spread, spread)
-        return mean_bar, var_bar, state.weights[0]
+        return start_iteration(window, window.recent(self._effective_window - 1), self.iteration,
+                               self.binding if compensate_now else None, self.window_grad,
+                               self.process_group if sync else None, sync)
 
     def _forward_window(self, input: Tensor) -> Tensor:
         if self.iteration is None and self._effective_window > 1:
@@ -554,7 +482,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     state = self._state = self._start_iteration(compensate_now, sync)
                 state.weight_version = self._weight_version()
             with torch.no_grad(), full_precision:
-                mean_bar, var_bar, inv_k = self._window_average(state, mean, var)
+                mean_bar, var_bar, inv_k = window_average(state, mean, var)
         else:
             mean_bar, var_bar, inv_k = mean, var, None
         if num_positions == 1 and inv_k is None and not sync:

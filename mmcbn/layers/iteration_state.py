@@ -1,0 +1,112 @@
+"""What a CBN layer computes once per training iteration: its window at the current weights.
+
+Vocabulary (used throughout ``mmcbn.layers``):
+
+* *entry*: one iteration's statistics of a layer's input (mean, variance, and for a compensable
+  entry the derivatives of its moments w.r.t. the producing conv's weight);
+* *slot*: a place in the window's ring (:class:`~mmcbn.layers.window.MomentWindow`) holding one
+  entry; the arithmetic runs over all slots, unused ones weighing 0;
+* *valid*: an entry whose batch statistics were finite (others are never used);
+* *compensable*: an entry recorded with derivatives, so it can be moved to the current weights;
+* *positions*: the ``N * H * W`` values per channel behind a statistic;
+* *k*: the number of entries averaged, the current batch included (``1 / k`` its share).
+"""
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .binding import ConvBinding
+from .conv_moments import compensate
+from .distributed import pool_moments
+from .normalize import WindowGradTerms
+from .window import MomentWindow
+
+
+@dataclass
+class IterationState:
+    """What a layer computes once per iteration: its window at the current weights, in slot order
+    (``S`` slots; a slot that is not used has weight 0)."""
+    iteration: Optional[int]
+    slots: List[int]  # the used entries' slots, newest first (host bookkeeping, for window_stats)
+    mean: Optional[Tensor] = None  # [S, C] each slot's entry, compensated (None: no entries)
+    var: Optional[Tensor] = None  # [S, C], clamped at 0
+    weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
+    num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
+    grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
+    weight_version: Optional[int] = None  # the bound conv weight's version counter
+    calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
+
+    def seen(self, mean: Tensor, var: Tensor) -> bool:
+        """Whether a call this iteration had these statistics (a gradient-checkpoint recompute)."""
+        for m, v in self.calls:
+            tol_mean = 1e-5 * (v.sqrt() + m.abs()) + 1e-12
+            if bool(((m - mean).abs() <= tol_mean).all() &
+                    ((v - var).abs() <= 1e-5 * v + 1e-12).all()):
+                return True
+        return False
+
+
+def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[int],
+                    binding: Optional[ConvBinding], window_grad: bool, process_group,
+                    sync: bool) -> IterationState:
+    """The window's entries at the current weights, in slot order, for every call this iteration:
+    device tensors only, no host sync.
+
+    Args:
+        window: the layer's window, its pending entry already committed.
+        slots: the slots of the entries to use, newest first.
+        iteration: the iteration this state is for.
+        binding: the conv to compensate against; None: the entries as recorded.
+        window_grad: prepare the gradient through the compensated entries.
+        process_group, sync: pool every entry over the processes (synchronised CBN).
+    """
+    state = IterationState(iteration, slots)
+    if not slots:
+        return state
+    use = window.in_window(len(slots))  # [S]
+    mean, var = window.mean, window.var
+    share = None
+    compensated = [window.compensable[s] for s in slots]
+    if binding is not None and any(compensated):
+        with torch.no_grad():  # every slot at once: one batched product, no gather
+            mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
+                                           window.sqmean_grad, binding.weight, binding.bias,
+                                           clamp=False, excess=window.excess)
+        if all(compensated):
+            mean, var, share = mean_hat, var_hat, use
+        else:
+            use_hat = window.compensable_mask[:, None] > 0
+            mean = torch.where(use_hat, mean_hat, mean)
+            var = torch.where(use_hat, var_hat, var)
+            share = use * window.compensable_mask
+    if sync:  # pooled before the clamp, so the clamp sees the entry of all processes
+        counts = use * window.positions
+        mean, var, pooled = pool_moments(mean, var, counts, process_group)
+        use = (pooled > 0).to(use.dtype)
+        if share is not None:
+            share = share * window.positions / pooled.clamp_min(1.0)
+    if share is not None and window_grad:
+        state.grad_terms = WindowGradTerms.build(share, mean, var, window.mean, window.patch_mean,
+                                                 window.sqmean_grad)
+    state.mean, state.var = mean, var.clamp_min(0.0)
+    weights = F.pad(use, (1, 0), value=1.0)
+    state.num_entries = weights.sum()
+    state.weights = weights / state.num_entries
+    return state
+
+
+def window_average(state: IterationState, mean: Tensor,
+                   var: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The current batch's statistics averaged with the window's entries, and the current batch's
+    share of the average (``1/k``; None without entries)."""
+    if state.mean is None:
+        return mean, var, None
+    means = torch.cat([mean[None], state.mean])
+    mean_bar = state.weights @ means
+    # var = avg(var_i + mean_i^2) - mean^2, written about mean_bar (no cancellation)
+    spread = means - mean_bar
+    var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(spread, spread)
+    return mean_bar, var_bar, state.weights[0]
