@@ -81,12 +81,23 @@ def binding_for(conv: nn.Conv2d, name: str = '') -> ConvBinding:
 _ORDERED_SUFFIX = re.compile(r'^(?:bn|norm)(\d*)$')
 
 
-def find_producing_conv(parent: nn.Module, child_name: str) -> Tuple[Optional[str], str]:
-    """Finds, among ``parent``'s children, the conv whose output feeds ``parent.<child_name>``.
+@dataclass(frozen=True)
+class ProducerSearch:
+    """What the module structure tells about the conv that feeds a CBN layer.
 
-    Returns:
-        ``(conv_child_name, '')`` when found and compensable, else ``(None, reason)``.
+    Args:
+        conv: the name of the sibling conv, when found and compensable.
+        reason: why there is none, when there is none.
+        try_graph: nothing in the structure says either way: bind from the autograd graph at the
+            first training step.
     """
+    conv: Optional[str] = None
+    reason: str = ''
+    try_graph: bool = False
+
+
+def find_producing_conv(parent: nn.Module, child_name: str) -> ProducerSearch:
+    """Finds, among ``parent``'s children, the conv whose output feeds ``parent.<child_name>``."""
     names = [n for n, _ in parent.named_children()]
     candidate: Optional[str] = None
     # mmcv ConvModule: conv -> norm -> act in `order`
@@ -94,23 +105,25 @@ def find_producing_conv(parent: nn.Module, child_name: str) -> Tuple[Optional[st
     if hasattr(parent, 'norm_name') and getattr(parent, 'norm_name') == child_name and \
             isinstance(order, tuple) and 'conv' in order:
         if order.index('norm') != order.index('conv') + 1:
-            return None, f'its ConvModule applies the norm before the conv (order={order})'
+            return ProducerSearch(
+                reason=f'its ConvModule applies the norm before the conv (order={order})')
         candidate = 'conv'
     elif isinstance(parent, nn.Sequential):
         i = names.index(child_name)
         if i == 0:
-            return None, 'it is the first module of its Sequential: no conv before it'
+            return ProducerSearch(reason='it is the first module of its Sequential: no conv '
+                                  'before it')
         candidate = names[i - 1]
     else:
         match = _ORDERED_SUFFIX.match(child_name)
         if match is not None and f'conv{match.group(1)}' in names:
             candidate = f'conv{match.group(1)}'
     if candidate is None:
-        return None, 'no conv next to it in its parent module'
+        return ProducerSearch(reason='no conv next to it in its parent module', try_graph=True)
     problem = plain_conv_problem(getattr(parent, candidate))
     if problem is not None:
-        return None, f'its input comes from {candidate}: {problem}'
-    return candidate, ''
+        return ProducerSearch(reason=f'its input comes from {candidate}: {problem}')
+    return ProducerSearch(conv=candidate)
 
 
 def _leaf_parameter(node) -> Optional[Tensor]:

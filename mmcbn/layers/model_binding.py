@@ -28,20 +28,16 @@ def bind_cbn_layers(model: nn.Module) -> BindingReport:
                 continue
             name = f'{parent_name}.{child_name}' if parent_name else child_name
             child.layer_name = name
-            conv_child, reason = find_producing_conv(parent, child_name)
-            if conv_child is None:
-                if reason.startswith('no conv next to it'):
-                    # maybe the graph shows it on the first step; keep the layer open for that
-                    if child.binding is None:
-                        report[name] = (None, reason + '; will try the autograd graph at the '
-                                        'first training step')
-                    else:
-                        report[name] = (child.binding.name, '')
-                    continue
-                child.unbind(reason)
-                report[name] = (None, reason)
-                continue
-            conv_name = f'{parent_name}.{conv_child}' if parent_name else conv_child
-            child.bind(getattr(parent, conv_child), conv_name)
-            report[name] = (conv_name, '')
+            found = find_producing_conv(parent, child_name)
+            if found.try_graph:  # the graph may show the producer on the first step
+                report[name] = ((child.binding.name, '') if child.binding is not None else
+                                (None, found.reason + '; will try the autograd graph at the '
+                                 'first training step'))
+            elif found.conv is None:
+                child.unbind(found.reason)
+                report[name] = (None, found.reason)
+            else:
+                conv_name = f'{parent_name}.{found.conv}' if parent_name else found.conv
+                child.bind(getattr(parent, found.conv), conv_name)
+                report[name] = (conv_name, '')
     return report
