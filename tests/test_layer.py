@@ -458,3 +458,29 @@ def test_non_finite_batch_never_enters_running_stats_during_burn_in(window_size,
                for before, name in zip(drift, cbn._drift.tensor_names))
     cbn.eval()
     assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()
+
+
+def test_as_batchnorm_is_batchnorm_and_restores_the_layer():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3)
+    cbn = CrossIterationBatchNorm2d(8, window_size=3, sync=True)
+    cbn.bind(conv)
+    cbn.effective_window = 3
+    for it in range(3):
+        cbn.iteration = it
+        cbn(conv(torch.randn(2, 3, 8, 8)))
+    entries = cbn._window.mean.clone()
+    bn = nn.BatchNorm2d(8)
+    bn.load_state_dict(cbn.state_dict())
+    x = conv(torch.randn(2, 3, 8, 8)).detach()
+    with cbn.as_batchnorm() as layer:
+        cbn.iteration = 3
+        torch.testing.assert_close(layer(x), bn(x))  # the batch alone, as BN in training
+        torch.testing.assert_close(cbn.running_mean, bn.running_mean)
+        torch.testing.assert_close(cbn.running_var, bn.running_var)
+        assert torch.equal(cbn._window.mean, entries)  # nothing recorded
+        running = cbn.running_mean.clone()
+        cbn.eval()  # exports nothing
+        assert torch.equal(cbn.running_mean, running)
+        cbn.train()
+    assert (cbn.effective_window, cbn.sync, cbn.compensate_running_stats) == (3, True, True)

@@ -90,10 +90,12 @@ def truth_pass(cbns):
     seen = {}
     saved = [(m.running_mean.clone(), m.running_var.clone()) for m in cbns]
     handles = []
+    as_batchnorm = contextlib.ExitStack()
     for i, m in enumerate(cbns):
         m.running_mean.copy_(m.last_mean)
         m.running_var.copy_(m.last_var)
-        m.training = False  # not eval(): that would export the running statistics
+        as_batchnorm.enter_context(m.as_batchnorm())
+        m.eval()  # as a BatchNorm: evaluates with the statistics just set, exports nothing
 
         def hook(module, args, i=i):
             mean, var = output_moments(args[0].detach())
@@ -108,7 +110,8 @@ def truth_pass(cbns):
         for m, (rm, rv) in zip(cbns, saved):
             m.running_mean.copy_(rm)
             m.running_var.copy_(rv)
-            m.training = True
+            m.train()
+        as_batchnorm.close()
 
 
 def pooled(means, variances):

@@ -120,13 +120,13 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[Any],
         saved[m] = (m.momentum, m.num_batches_tracked.clone()
                     if m.num_batches_tracked is not None else None)
         m.momentum = 0.0  # the layers' own running statistics stay as they are during the pass
-        if isinstance(m, CrossIterationBatchNorm2d):
-            saved[m] += (m.effective_window, m.sync, m.compensate_running_stats)
-            m.effective_window, m.sync, m.compensate_running_stats = 1, False, False
     sums, handles = _population_sums(layers)
     used = 0
     try:
-        with _forked_random_state():
+        with _forked_random_state(), contextlib.ExitStack() as as_batchnorm:
+            for m in layers.values():
+                if isinstance(m, CrossIterationBatchNorm2d):
+                    as_batchnorm.enter_context(m.as_batchnorm())
             for batch in batches:
                 if used >= num_batches:
                     break
@@ -139,8 +139,6 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[Any],
             m.momentum = state[0]
             if state[1] is not None:
                 m.num_batches_tracked.copy_(state[1])
-            if isinstance(m, CrossIterationBatchNorm2d):
-                m.effective_window, m.sync, m.compensate_running_stats = state[2:]
         for m, mode in was_training.items():
             m.training = mode
 

@@ -1,4 +1,5 @@
 """Cross-Iteration Batch Normalization (Yao et al., CVPR 2021) as a drop-in BatchNorm2d."""
+import contextlib
 import random
 import warnings
 import weakref
@@ -289,6 +290,20 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._drift.clear()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    @contextlib.contextmanager
+    def as_batchnorm(self):
+        """Within the block the layer is a BatchNorm2d: training forwards normalise with their
+        batch alone and record nothing, nothing is synchronised, and the running statistics are
+        neither compensated nor exported (so ``eval()`` leaves them as they are). Restores the
+        layer's settings on exit. For code that wants BN's behaviour for a while (precise
+        re-estimation, diagnostics)."""
+        saved = self._effective_window, self.sync, self.compensate_running_stats
+        self._effective_window, self.sync, self.compensate_running_stats = 1, False, False
+        try:
+            yield self
+        finally:
+            self._effective_window, self.sync, self.compensate_running_stats = saved
 
     def reset_window(self) -> None:
         """Drops every stored entry (e.g. after a jump in the weights)."""
