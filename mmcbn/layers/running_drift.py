@@ -55,25 +55,15 @@ class RunningDrift(ScratchTensors):
         pm, vg, bw, mo, vo = flat.split(sizes)
         return pm.view(groups, k), vg.view(channels, k), bw.view(()), mo, vo
 
-    @property
-    def patch_mean(self) -> Optional[Tensor]:
-        return None if self.empty else self._views(self.state)[0]
+    patch_mean = property(lambda self: self._view(0), doc='``[groups, K]`` EMA of the patch means')
+    var_grad = property(lambda self: self._view(1),
+                        doc='``[C, K]`` EMA of the unbiased variance\'s derivatives')
+    bias_weight = property(lambda self: self._view(2), doc='``[]`` EMA of 1 (the weight of b)')
+    mean_at_own = property(lambda self: self._view(3), doc='``[C]`` EMA of <p_t, W_t> + b_t')
+    var_at_own = property(lambda self: self._view(4), doc='``[C]`` EMA of <g_t, W_t>')
 
-    @property
-    def var_grad(self) -> Optional[Tensor]:
-        return None if self.empty else self._views(self.state)[1]
-
-    @property
-    def bias_weight(self) -> Optional[Tensor]:
-        return None if self.empty else self._views(self.state)[2]
-
-    @property
-    def mean_at_own(self) -> Optional[Tensor]:
-        return None if self.empty else self._views(self.state)[3]
-
-    @property
-    def var_at_own(self) -> Optional[Tensor]:
-        return None if self.empty else self._views(self.state)[4]
+    def _view(self, index: int) -> Optional[Tensor]:
+        return None if self.empty else self._views(self.state)[index]
 
     @staticmethod
     def _flat(weight: Tensor, dtype) -> Tensor:
