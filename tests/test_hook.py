@@ -236,3 +236,42 @@ def test_norm_eval_trap_is_named_once_at_the_first_iteration(tmp_path, backbone_
     assert len(frozen_logs) == (1 if frozen else 0), infos
     if frozen:
         assert f'{frozen} CBN layers are frozen' in frozen_logs[0]
+
+
+class RecordWindowStats(Hook):
+    priority = 'LOW'
+
+    def __init__(self):
+        self.stats, self.weights = {}, {}
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        model = runner.model
+        self.stats[runner.iter] = model.bn1.window_stats()
+        self.weights[runner.iter] = model.conv1.weight.detach().clone()
+
+
+def test_gradient_accumulation_pools_micro_batches_compensated_exactly_between_steps(tmp_path):
+    """With optim_wrapper accumulative_counts=2 each micro-batch is one iteration (runner.iter
+    counts them): the window pools micro-batches, and an entry recorded since the last optimizer
+    step is used as recorded (the weights have not moved), older ones compensated."""
+    recorder = RecordWindowStats()
+    runner = Runner(
+        model=ToyModel(window_size=3), work_dir=str(tmp_path / 'accumulate'),
+        train_dataloader=dict(dataset=ToyDataset(), sampler=dict(type='DefaultSampler',
+                                                                 shuffle=False),
+                              batch_size=2, num_workers=0, collate_fn=dict(type='default_collate')),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.5), accumulative_counts=2),
+        train_cfg=dict(type='IterBasedTrainLoop', max_iters=8),
+        custom_hooks=[dict(type='CBNHook'), recorder], default_hooks=dict(checkpoint=None),
+        experiment_name='accumulate')
+    runner.train()
+    moved = [not torch.equal(recorder.weights[i], recorder.weights[i - 1]) for i in range(1, 8)]
+    assert moved == [True, False, True, False, True, False, True]  # a step every 2nd micro-batch
+    for it in range(2, 8):
+        stats = recorder.stats[it]
+        assert stats['mean'].shape[0] == 2  # two earlier micro-batches in the window
+        # the newest entry (it - 1) was recorded at the current weights when it is odd
+        same_weights = it % 2 == 1
+        exact = torch.allclose(stats['mean'][0], stats['raw_mean'][0], rtol=0, atol=1e-6) and \
+            torch.allclose(stats['var'][0], stats['raw_var'][0], rtol=1e-5, atol=1e-6)
+        assert exact == same_weights, it
