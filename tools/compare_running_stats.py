@@ -76,6 +76,20 @@ def evaluate_three_ways(net, train_x, test_x, test_y):
     return tuple(accuracy(m, test_x, test_y) for m in (plain, compensated, precise))
 
 
+def train_step(net, cbns, it, window, train_x, train_y, gen, opt, sched):
+    """One SGD step on 2 random training images, as ``CBNHook`` would drive the CBN layers
+    (iteration ``it``, effective window ``window``)."""
+    for m in cbns:
+        m.effective_window = window
+        m.iteration = it
+    idx = torch.randint(0, len(train_x), (2, ), generator=gen)
+    loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+
+
 def train(variant, seed, data, iters, burn_in, lr, eval_at):
     """Trains once; returns {iteration: (plain EMA, compensated EMA, re-estimated) accuracy}."""
     train_x, train_y, test_x, test_y = data
@@ -92,15 +106,8 @@ def train(variant, seed, data, iters, burn_in, lr, eval_at):
     for it in range(iters):
         if it in eval_at:
             results[it] = evaluate_three_ways(net, train_x, test_x, test_y)
-        for m in cbns:
-            m.effective_window = 1 if it < burn_in else window
-            m.iteration = it
-        idx = torch.randint(0, len(train_x), (2, ), generator=gen)
-        loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        train_step(net, cbns, it, 1 if it < burn_in else window, train_x, train_y, gen, opt,
+                   sched)
     results[iters] = evaluate_three_ways(net, train_x, test_x, test_y)
     return results
 

@@ -15,9 +15,8 @@ import statistics
 import time
 
 import torch
-from torch import nn
 
-from compare_running_stats import accuracy, make_gratings, make_net, reestimate
+from compare_running_stats import accuracy, make_gratings, make_net, reestimate, train_step
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
 
 VARIANTS = {  # name: layer arguments
@@ -38,15 +37,7 @@ def train(window, layer_args, seed, data, iters, burn_in, lr):
     gen = torch.Generator().manual_seed(seed)
     cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
     for it in range(iters):
-        for m in cbns:
-            m.effective_window = 1 if it < burn_in else window
-            m.iteration = it
-        idx = torch.randint(0, len(train_x), (2, ), generator=gen)
-        loss = nn.functional.cross_entropy(net(train_x[idx]), train_y[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
+        train_step(net, cbns, it, 1 if it < burn_in else window, train_x, train_y, gen, opt, sched)
     reestimate(net, train_x)
     return accuracy(net, test_x, test_y)
 

@@ -19,6 +19,7 @@ gradient through the compensated entries to the current conv parameters.
 """
 import math
 import random
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -171,11 +172,8 @@ def _sampled_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, 
     x = x[sample.image::sample.batch_stride, :,
           top:top + (rows - 1) * r * sh + dh * (kh - 1) + 1,
           left:left + (cols - 1) * r * sw + dw * (kw - 1) + 1]
-    shape_only = x.new_empty(()).expand(geometry.weight_shape)
-    _, grad_w, _ = torch.ops.aten.convolution_backward(
-        y, x, shape_only, None, [r * sh, r * sw], [0, 0], [dh, dw], False, [0, 0],
-        geometry.groups, [False, True, False])
-    return grad_w
+    strided = dataclasses.replace(geometry, stride=(r * sh, r * sw))
+    return _weight_grad(y, x, geometry.weight_shape, strided, geometry.groups, (0, 0))
 
 
 def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,

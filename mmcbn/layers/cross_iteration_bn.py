@@ -526,8 +526,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         derivatives = None
         record = windowed and self._window.capacity > 0
         if (want_derivatives and record) or tracks_drift:
-            derivatives = self._drift_derivatives(usable, conv_input, input,
-                                                  (local_mean, local_var))
+            # the batch's moments only where an entry is recorded: the excess of a sampled
+            # derivative is a window quantity, the running statistics' terms do not need it
+            derivatives = self._drift_derivatives(
+                usable, conv_input, input,
+                (local_mean, local_var) if record and compensate_now else None)
         if record:
             if self._window.pending is None:
                 self._window.open_pending()

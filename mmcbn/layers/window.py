@@ -13,7 +13,8 @@ class MomentWindow(ScratchTensors):
     Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
     wider), its ``age`` (iterations since it was recorded: 0 while pending; infinite for a slot
     never written and for a batch whose statistics were not finite, stored as zeros and never used),
-    its number of ``positions`` (kept for synchronised CBN only) and, for compensable entries (``compensable_mask`` 1), the derivatives
+    its number of ``positions`` (kept for synchronised CBN only) and, for compensable entries
+    (``compensable_mask`` 1), the derivatives
     from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
     (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
     compensating every slot is one batched matrix product with no gather. The derivative buffers are
@@ -136,9 +137,8 @@ class MomentWindow(ScratchTensors):
         else:
             old_mean, old_var = self.mean[slot], self.var[slot]
             spread = (n_old * num_positions / total**2) * (old_mean - mean)**2
-            new_mean = merged(old_mean, mean)
+            self.mean[slot] = merged(old_mean, mean)
             self.var[slot] = torch.where(finite, merged(old_var, var) + spread, old_var)
-            self.mean[slot] = new_mean
         if count_positions:
             self.positions[slot].fill_(float(total))
 
