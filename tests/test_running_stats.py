@@ -19,7 +19,7 @@ def _ema_weights(num_batches, momentum):
 
 
 def _train(window_size, momentum, groups=1, bias=True, steps=12, lr=0.2, frozen=False,
-           eval_every=None, compensate=None, seed=0):
+           eval_every=None, compensate=None, seed=0, after_step=None):
     torch.manual_seed(seed)
     conv = nn.Conv2d(4, 6, 3, padding=1, groups=groups, bias=bias).double()
     norm = CrossIterationBatchNorm2d(6, window_size=window_size, momentum=momentum,
@@ -43,8 +43,10 @@ def _train(window_size, momentum, groups=1, bias=True, steps=12, lr=0.2, frozen=
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(conv, norm, batches)
         if eval_every and step % eval_every == eval_every - 1:
-            norm.eval()  # exports mid-trajectory: must not change what comes out at the end
+            norm.eval()  # switching modes must not change what comes out at the end
             norm.train()
     norm.seen = seen  # each batch's statistics at the weights of its own step
     return conv, norm, batches
@@ -67,12 +69,19 @@ def _reference(conv, batches, momentum):
 @pytest.mark.parametrize('momentum', [0.1, None])
 @pytest.mark.parametrize('groups,bias', [(1, True), (2, False)])
 def test_running_stats_follow_the_weights(window_size, momentum, groups, bias):
+    def buffers_hold_the_mean_at_the_new_weights(conv, norm, batches):
+        # read straight after the optimizer step, in train mode: no eval(), no export called
+        ref_mean, _ = _reference(conv, batches, momentum)
+        torch.testing.assert_close(norm.running_mean, ref_mean, rtol=0, atol=1e-10)
+        checked.append(len(batches))
+
     for lr in (0.3, 0.005):
-        conv, norm, batches = _train(window_size, momentum, groups, bias, eval_every=5, lr=lr)
+        checked = []
+        conv, norm, batches = _train(window_size, momentum, groups, bias, eval_every=5, lr=lr,
+                                     after_step=buffers_hold_the_mean_at_the_new_weights)
+        assert checked == list(range(1, 13))  # the mean is exact, however far the weights moved
         ref_mean, ref_var = _reference(conv, batches, momentum)
-        mean, var = norm.running_stats_at_current_weights()
-        # the mean is exact, however far the weights moved
-        torch.testing.assert_close(mean, ref_mean, rtol=0, atol=1e-10)
+        mean, var = norm.running_mean, norm.running_var
     # the variance is first order: at steps small against the weights, much closer than the
     # plain EMA, which lags by the whole drift
     _, plain, _ = _train(window_size, momentum, groups, bias, compensate=False, lr=lr)
@@ -87,8 +96,8 @@ def test_running_stats_follow_the_weights(window_size, momentum, groups, bias):
 def test_eval_and_checkpoint_carry_the_compensated_statistics():
     conv, norm, batches = _train(3, 0.1)
     ref_mean, _ = _reference(conv, batches, 0.1)
-    mean, var = norm.running_stats_at_current_weights()
-    state = norm.state_dict()  # saved in train mode: exported first
+    mean, var = norm.running_mean.clone(), norm.running_var.clone()
+    state = norm.state_dict()  # saved in train mode
     torch.testing.assert_close(state['running_mean'], ref_mean, rtol=0, atol=1e-10)
     bn = nn.BatchNorm2d(6).double()
     bn.load_state_dict(state, strict=True)
@@ -98,10 +107,13 @@ def test_eval_and_checkpoint_carry_the_compensated_statistics():
     torch.testing.assert_close(norm.running_var, var, rtol=0, atol=1e-12)
     x = torch.randn(2, 6, 4, 4, dtype=torch.float64)
     torch.testing.assert_close(norm(x), bn(x), rtol=0, atol=1e-12)
-    # exporting again changes nothing
+    # switching modes, saving and exporting again change nothing
     norm.train()
+    norm.export_running_stats()
+    norm.state_dict()
     norm.eval()
     torch.testing.assert_close(norm.running_mean, mean, rtol=0, atol=1e-12)
+    torch.testing.assert_close(norm.running_var, var, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize('momentum', [0.1, None])
@@ -111,9 +123,8 @@ def test_frozen_conv_gives_batchnorm_running_stats(momentum):
     with torch.no_grad():
         for x in batches:
             bn(conv(x))
-    mean, var = norm.running_stats_at_current_weights()
-    torch.testing.assert_close(mean, bn.running_mean, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(var, bn.running_var, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(norm.running_mean, bn.running_mean, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(norm.running_var, bn.running_var, rtol=1e-10, atol=1e-12)
     assert norm.running_stats_nbytes() == 0
 
 
@@ -128,20 +139,22 @@ def test_compensation_off_keeps_the_plain_ema():
     torch.testing.assert_close(norm.running_var, ref_var, rtol=0, atol=1e-12)
 
 
-def test_switching_compensation_off_after_training_evaluates_the_plain_ema():
-    _, norm, _ = _train(3, 0.1)
-    weights, init_weight = _ema_weights(len(norm.seen), 0.1)
-    ref_mean = sum(a * m for a, (m, _) in zip(weights, norm.seen))
-    compensated, _ = norm.running_stats_at_current_weights()
-    assert (compensated - ref_mean).abs().max() > 1e-4
-    norm.compensate_running_stats = False
-    norm.eval()
-    assert torch.equal(norm.state_dict()['running_mean'], norm.running_mean)
-    torch.testing.assert_close(norm.running_mean, ref_mean, rtol=0, atol=1e-12)
-    norm.train()
-    norm.compensate_running_stats = True
-    norm.eval()
-    torch.testing.assert_close(norm.running_mean, compensated, rtol=0, atol=1e-12)
+def test_weights_changed_without_an_optimizer_are_caught_or_exported_on_request():
+    conv, norm, batches = _train(3, 0.1)
+    with torch.no_grad():  # an in-place update moves the version counter: the next training
+        conv.weight.mul_(1.1)  # forward moves the statistics first
+    norm.iteration = 99
+    norm(conv(batches[-1]))
+    torch.testing.assert_close(norm.running_mean, _reference(conv, batches + [batches[-1]],
+                                                             0.1)[0], rtol=0, atol=1e-10)
+    # a write through .data bypasses the counter: export_running_stats() does the move
+    conv.weight.data.mul_(0.9)
+    conv.bias.data.add_(0.05)
+    stale = norm.running_mean.clone()
+    norm.export_running_stats()
+    assert (norm.running_mean - stale).abs().max() > 1e-3
+    torch.testing.assert_close(norm.running_mean, _reference(conv, batches + [batches[-1]],
+                                                             0.1)[0], rtol=0, atol=1e-10)
 
 
 def test_load_state_dict_resets_what_is_tracked():
@@ -150,9 +163,11 @@ def test_load_state_dict_resets_what_is_tracked():
     loaded = {k: v.clone() for k, v in nn.BatchNorm2d(6).double().state_dict().items()}
     loaded['running_mean'] += 0.25
     norm.load_state_dict(loaded)
-    mean, var = norm.running_stats_at_current_weights()
-    torch.testing.assert_close(mean, loaded['running_mean'], rtol=0, atol=0)
-    torch.testing.assert_close(var, loaded['running_var'], rtol=0, atol=0)
+    with torch.no_grad():
+        conv.weight.mul_(2.0)
+    norm.export_running_stats()  # the loaded statistics have nothing left to follow
+    torch.testing.assert_close(norm.running_mean, loaded['running_mean'], rtol=0, atol=0)
+    torch.testing.assert_close(norm.running_var, loaded['running_var'], rtol=0, atol=0)
 
 
 def test_memory_is_one_weight_sized_tensor_per_layer():

@@ -17,7 +17,7 @@ from .conv_moments import (choose_position_sample, identity_excess, moment_deriv
 from .distributed import is_distributed, pool_moments
 from .iteration_state import IterationState, start_iteration, window_average
 from .normalize import NormalizeWithWindow
-from .running_drift import RunningDrift
+from .running_drift import RunningDrift, follow_optimizer_steps
 from ..utils.validation import check_int, check_number
 from .window import MomentWindow
 
@@ -89,9 +89,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             weights (:mod:`~mmcbn.layers.running_drift`): the EMA of the batch means is moved
             exactly, that of the variances to first order, with the derivatives CBN computes
             anyway (computed during burn-in too, and for ``window_size=1``). The values are
-            written into ``running_mean``/``running_var`` when the layer is switched to eval and
-            when it is saved, so eval, export and a BN model loading the checkpoint all use them
-            at no cost. Needs ``running_stats_source='batch'``; a layer that cannot be bound keeps
+            written into ``running_mean``/``running_var`` after every optimizer step, so every
+            reader of the buffers (eval, a checkpoint, a converter, an EMA of the model) sees
+            what eval uses, at any moment. Needs ``running_stats_source='batch'``; a layer that cannot be bound keeps
             the plain EMA. Under DDP each process compensates with its own batches' derivatives.
             Default (None): True with ``compensation=True`` and ``running_stats_source='batch'``,
             else False (naive CBN, the ablation, then costs no derivative work at all).
@@ -228,38 +228,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._drift.clear()
 
     @torch.no_grad()
-    def running_stats_at_current_weights(self) -> Tuple[Tensor, Tensor]:
-        """The running mean and (unbiased) variance evaluated at the bound conv's current weights.
-
-        Equal to ``running_mean``/``running_var`` when nothing is tracked (compensation off, no
-        binding, a frozen conv, or right after an export or a load). The variance is clamped at 0.
-        """
-        if self.running_mean is None:
-            raise RuntimeError(f'{self._display_name()} has no running statistics '
-                               '(track_running_stats=False)')
-        binding = self.binding
-        if self._drift.empty or binding is None:
-            return self.running_mean.clone(), self.running_var.clone()
-        d_mean, d_var = self._drift.delta(binding.weight, binding.bias)
-        return ((self.running_mean + d_mean).to(self.running_mean.dtype),
-                (self.running_var + d_var).clamp_min(0.0).to(self.running_var.dtype))
-
-    @torch.no_grad()
     def export_running_stats(self) -> None:
-        """Writes :meth:`running_stats_at_current_weights` into ``running_mean``/``running_var``.
+        """Moves ``running_mean``/``running_var`` to the bound conv's current weights.
 
-        Idempotent: later evaluations at any weights give the same values as before the export.
-        Called on every switch to eval mode and before every save; does nothing while
-        ``compensate_running_stats`` is False (e.g. switched off after training to evaluate with
-        the plain EMA).
+        Happens by itself after every optimizer step and at the start of every training forward
+        whenever the conv's parameters changed in place; call it after changing them in a way
+        their version counter does not see (e.g. writing ``weight.data``). Idempotent; does
+        nothing when nothing is tracked (compensation off, no binding, a frozen conv).
         """
-        if not self.compensate_running_stats or self._drift.empty or self.binding is None or \
-                self.running_mean is None:
+        self._export(only_if_moved=False)
+
+    def _export(self, only_if_moved: bool = True) -> None:
+        binding = self.binding
+        if not self._tracks_drift() or binding is None or self._drift.empty or (
+                only_if_moved and not self._drift.stale(binding.weight, binding.bias)):
             return
-        mean, var = self.running_stats_at_current_weights()
-        self.running_mean.copy_(mean)
-        self.running_var.copy_(var)
-        self._drift.rebase(self.binding.weight, self.binding.bias)
+        self._drift.export_into(self.running_mean, self.running_var, binding.weight, binding.bias)
 
     @torch.no_grad()
     def set_running_stats(self, mean: Tensor, var: Tensor) -> None:
@@ -275,15 +259,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """Bytes held for the compensated running statistics (scratch state, not saved)."""
         return self._drift.nbytes()
 
-    def train(self, mode: bool = True):
-        if not mode:
-            self.export_running_stats()
-        return super().train(mode)
-
-    def _save_to_state_dict(self, destination, prefix, keep_vars):
-        self.export_running_stats()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         # the loaded statistics are valid at the loaded weights: nothing left to compensate
@@ -295,7 +270,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def as_batchnorm(self):
         """Within the block the layer is a BatchNorm2d: training forwards normalise with their
         batch alone and record nothing, nothing is synchronised, and the running statistics are
-        neither compensated nor exported (so ``eval()`` leaves them as they are). Restores the
+        not compensated (their tracked derivatives are kept for afterwards). Restores the
         layer's settings on exit. For code that wants BN's behaviour for a while (precise
         re-estimation, diagnostics)."""
         saved = self._effective_window, self.sync, self.compensate_running_stats
@@ -380,6 +355,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        if self.training:
+            self._export()  # the weights changed without an optimizer step
         # a window of 1 (burn-in) takes the same path, so that a non-finite batch enters neither
         # the running statistics nor their compensation there either
         if self.training and (self._effective_window > 1 or self._sync_now() or
@@ -544,6 +521,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             if tracks_drift and derivatives is not None:
                 self._drift.update(*derivatives[:2], self.binding.weight, self.binding.bias,
                                    num_positions, self._ema_factor(), finite)
+                follow_optimizer_steps(self)
         return out
 
     def _weight_version(self) -> Optional[int]:

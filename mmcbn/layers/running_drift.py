@@ -15,13 +15,17 @@ the unbiased batch variance (``n/(n-1) * (d sqmean/dW - 2 mean_t p_t)``, centred
 (of ``<p_t, W_t> + b_t``) and ``E_var`` (of ``<g_t, W_t>``): one weight-sized tensor and a few
 per-channel vectors per layer. ``R`` itself stays the layer's ordinary ``running_mean``/``running_var``.
 
-Writing the compensated value back into ``R`` (:meth:`RunningDrift.rebase` after the caller's
-export) leaves ``mean(W)``/``var(W)`` unchanged for every ``W``, so exporting is idempotent.
+The layer writes ``mean(W)``/``var(W)`` into ``R`` after every optimizer step that changed its conv
+(:func:`follow_optimizer_steps`; :meth:`RunningDrift.export_into` then rebases, which leaves
+``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every reader sees (eval, a state
+dict, a converter, an EMA of the model) always hold the statistics at the current weights.
 """
+import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .scratch_tensors import ScratchTensors
 
@@ -41,6 +45,8 @@ class RunningDrift(ScratchTensors):
     def clear(self) -> None:
         """Forgets every tracked iteration (the running statistics then count as current)."""
         self.state: Optional[Tensor] = None
+        #: the bound parameters' version counters where the drift is zero (see :meth:`stale`)
+        self.versions: Optional[Tuple[int, int]] = None
         self._shape: Optional[Tuple[int, int, int]] = None  # (groups, C, K)
 
     @property
@@ -112,23 +118,63 @@ class RunningDrift(ScratchTensors):
         bias_weight.fill_(1.0)
         # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
         self.state.lerp_(torch.where(finite, new, self.state, out=new), factor)
+        self.versions = _versions(weight, bias)  # a batch at the current weights adds no drift
+
+    def stale(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
+        """Whether ``weight``/``bias`` changed in place since the drift was last zero at them (their
+        version counters, read on the host: no device sync)."""
+        return not self.empty and self.versions != _versions(weight, bias)
 
     @torch.no_grad()
-    def delta(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """How much the running mean and variance move when evaluated at ``weight``/``bias``."""
-        patch_mean, var_grad, bias_weight, mean_at_own, var_at_own = self._views(self.state)
+    def export_into(self, running_mean: Tensor, running_var: Tensor, weight: Tensor,
+                    bias: Optional[Tensor]) -> None:
+        """Moves ``running_mean``/``running_var`` to ``weight``/``bias`` (the variance clamped at 0)
+        and rebases, so that the drift is zero there: eight small ops, no sync.
+
+        Idempotent: the statistics the pair describes at any other weights are unchanged."""
+        patch_mean, var_grad, bias_weight, _, _ = self._views(self.state)
+        groups, channels, k = self._shape
         w = self._flat(weight, var_grad.dtype)
-        d_mean = self._mean_term(patch_mean, w) - mean_at_own
+        delta = torch.empty(2 * channels, dtype=var_grad.dtype, device=var_grad.device)
+        d_mean, d_var = delta.view(2, channels)
+        self._mean_term(patch_mean, w, out=d_mean)
         if bias is not None:
-            d_mean = d_mean + bias_weight * bias.detach().to(w.dtype)
-        d_var = (var_grad * w).sum(1) - var_at_own
-        return d_mean, d_var
+            d_mean.addcmul_(bias.detach().to(w.dtype), bias_weight)
+        torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2), out=d_var.view(channels, 1, 1))
+        at_own = self.state[-2 * channels:]  # mean_at_own and var_at_own, adjacent
+        delta.sub_(at_own)
+        at_own.add_(delta)
+        torch._foreach_add_([running_mean, running_var], [d_mean, d_var])
+        running_var.clamp_min_(0.0)
+        self.versions = _versions(weight, bias)
 
     @torch.no_grad()
     def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> None:
-        """Makes :meth:`delta` zero at ``weight``/``bias``: call after writing the compensated
-        statistics at these parameters into the running statistics."""
-        d_mean, d_var = self.delta(weight, bias)
-        _, _, _, mean_at_own, var_at_own = self._views(self.state)
-        mean_at_own += d_mean
-        var_at_own += d_var
+        """Makes the drift zero at ``weight``/``bias`` without touching any running statistics:
+        call after setting statistics valid at these parameters."""
+        scratch_mean, scratch_var = torch.zeros(2, self._shape[1], dtype=self.state.dtype,
+                                                device=self.state.device)
+        self.export_into(scratch_mean, scratch_var, weight, bias)
+
+
+def _versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
+    return weight._version, -1 if bias is None else bias._version
+
+
+#: Layers whose running statistics follow their conv's weights; weak: a dropped model drops out.
+_following_layers: 'weakref.WeakSet' = weakref.WeakSet()
+_optimizer_hook = None
+
+
+def follow_optimizer_steps(layer) -> None:
+    """After every optimizer step (any optimizer, via torch's global step hook), calls
+    ``layer._export()``, which does nothing unless its conv's parameters changed."""
+    global _optimizer_hook
+    if _optimizer_hook is None:
+        _optimizer_hook = register_optimizer_step_post_hook(_export_after_step)
+    _following_layers.add(layer)
+
+
+def _export_after_step(optimizer, args, kwargs) -> None:
+    for layer in list(_following_layers):
+        layer._export()
