@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from torch import nn
 from mmengine.config import Config
 
 from mmcbn import CrossIterationBatchNorm2d, convert_cbn_to_bn
@@ -81,6 +82,36 @@ def test_compare_running_stats_reestimates_population_statistics():
     population_var = y.transpose(0, 1).reshape(y.shape[1], -1).var(1, unbiased=True)
     torch.testing.assert_close(first.running_var.double(), population_var, rtol=1e-5, atol=1e-5)
     assert first.training and first.effective_window == 4  # the pass leaves the layer as it was
+
+
+def test_compare_running_stats_keeps_bns_plain_ema_beside_the_compensated_buffers():
+    tool = load_tool('compare_running_stats')
+    torch.manual_seed(0)
+    net = tool.convert_bn_to_cbn(tool.make_net(), window_size=4)
+    plain = tool.PlainRunningStats(net)
+    first = plain.layers[0]
+    seen = []
+    first.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()) if m.training else None)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for it in range(6):
+        first.iteration = it
+        loss = net(torch.randn(2, 3, 16, 16) + 1).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    net.eval()
+    net(torch.randn(2, 3, 16, 16))  # eval forwards are not counted
+    bn = nn.BatchNorm2d(16).train()
+    for x in seen:
+        bn(x)
+    torch.testing.assert_close(plain.stats[0][0], bn.running_mean)
+    torch.testing.assert_close(plain.stats[0][1], bn.running_var)
+    compensated = first.running_mean.clone()
+    assert (compensated - bn.running_mean).abs().max() > 1e-4  # the layer's buffers moved on
+    with plain.loaded():
+        assert torch.equal(first.running_mean, plain.stats[0][0])
+    assert torch.equal(first.running_mean, compensated)
 
 
 def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):

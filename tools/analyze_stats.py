@@ -95,7 +95,7 @@ def truth_pass(cbns):
         m.running_mean.copy_(m.last_mean)
         m.running_var.copy_(m.last_var)
         as_batchnorm.enter_context(m.as_batchnorm())
-        m.eval()  # as a BatchNorm: evaluates with the statistics just set, exports nothing
+        m.eval()  # as a BatchNorm: evaluates with the statistics just set
 
         def hook(module, args, i=i):
             mean, var = output_moments(args[0].detach())

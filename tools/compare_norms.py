@@ -32,7 +32,7 @@ from mmengine.runner import Runner  # noqa: E402
 from torch.nn.modules.batchnorm import _BatchNorm  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
-from mmcbn import CrossIterationBatchNorm2d  # noqa: E402
+from compare_running_stats import PlainRunningStats  # noqa: E402
 from mmcbn.datasets import generate_shapes  # noqa: E402
 from mmcbn.engine.precise_stats import loader_batches, recompute_running_stats  # noqa: E402
 
@@ -74,19 +74,13 @@ VARIANTS = {
 }
 
 
-def _evaluate_three_ways(runner):
+def _evaluate_three_ways(runner, plain_stats):
     """mAPs with the plain EMA, the compensated EMA and precise statistics (one training run)."""
     model = runner.model
-    cbns = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
-    configured = [m.compensate_running_stats for m in cbns]
     results = {}
-    for m in cbns:
-        m.compensate_running_stats = False  # eval() exports nothing: the EMA as it is
-    results['EMA'] = runner.val_loop.run()
-    for m, compensate in zip(cbns, configured):
-        m.compensate_running_stats = compensate
-    model.train()
-    results['compensated EMA'] = runner.val_loop.run()  # eval() exports the compensated values
+    with plain_stats.loaded():
+        results['EMA'] = runner.val_loop.run()
+    results['compensated EMA'] = runner.val_loop.run()  # the layers' own buffers
 
     def forward(module, batch):
         return module(**module.data_preprocessor(batch, True), mode='loss')
@@ -144,10 +138,12 @@ def run_one(key, seed, work_dir, iters=None, data_root=None):
         generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
     start = time.time()
     runner = Runner.from_cfg(cfg)
+    plain_stats = PlainRunningStats(runner.model)
     runner.train()
     train_seconds = time.time() - start
     has_bn = any(isinstance(m, _BatchNorm) for m in runner.model.modules())
-    evals = _evaluate_three_ways(runner) if has_bn else {'EMA': runner.val_loop.run()}
+    evals = _evaluate_three_ways(runner, plain_stats) if has_bn else {
+        'EMA': runner.val_loop.run()}
     return dict(variant=key, seed=seed, train_seconds=round(train_seconds, 1),
                 **{f'{stats}/{metric}': float(values[f'coco/{metric}_mAP'])
                    for stats, values in evals.items() for metric in ('bbox', 'segm')})

@@ -10,6 +10,7 @@ end of training (after the learning-rate decay) and at chosen points before it.
 Usage: python tools/compare_running_stats.py [--seeds 3] [--iters 2000]
 """
 import argparse
+import contextlib
 import copy
 import statistics
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
 from mmcbn.engine.precise_stats import recompute_running_stats
+from mmcbn.layers import output_moments
 
 
 def make_gratings(num, size=32, seed=0):
@@ -63,17 +65,62 @@ def reestimate(net, images, batch=32, batches=40):
     recompute_running_stats(net, chunks, lambda model, x: model(x), batches)
 
 
-def evaluate_three_ways(net, train_x, test_x, test_y):
-    """Test accuracy with the plain EMA, the compensated EMA and statistics re-estimated at the
-    current weights, each on a copy (the running statistics do not influence training)."""
-    plain = copy.deepcopy(net)
-    for m in plain.modules():
-        if isinstance(m, CrossIterationBatchNorm2d):
-            m.compensate_running_stats = False  # eval with the EMA as it is
-    compensated = copy.deepcopy(net)  # eval() exports the compensated statistics
+class PlainRunningStats:
+    """BN's plain EMA of batch statistics for every CBN layer of a model, kept beside the layers
+    (whose own buffers follow the conv weights): the running statistics without compensation.
+
+    A forward pre-hook on each layer lerps the batch's mean and unbiased variance in with the
+    layer's momentum, in training forwards only, as BN does (skipping non-finite batches, as CBN
+    does). Diagnostic code: it reads each batch back to the host.
+    """
+
+    def __init__(self, model):
+        self.layers = [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+        self.stats = [(m.running_mean.clone(), m.running_var.clone()) for m in self.layers]
+        self.counts = [0] * len(self.layers)
+        for i, m in enumerate(self.layers):
+            m.register_forward_pre_hook(self._hook(i))
+
+    def _hook(self, i):
+        def track(layer, args):  # a closure, not a bound method: deep copies share the tracker
+            if not layer.training or layer.momentum == 0.0:  # 0: a precise re-estimation pass
+                return
+            x = args[0].detach()
+            with torch.no_grad():
+                mean, var = output_moments(x)
+                if not bool(torch.isfinite(var).all()):
+                    return
+                n = x.numel() // x.shape[1]
+                self.counts[i] += 1
+                factor = layer.momentum if layer.momentum is not None else 1 / self.counts[i]
+                running_mean, running_var = self.stats[i]
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_((var * n / max(n - 1, 1)).to(running_var.dtype), factor)
+        return track
+
+    @contextlib.contextmanager
+    def loaded(self):
+        """Within the block, the layers' buffers hold the plain EMA."""
+        saved = [(m.running_mean.clone(), m.running_var.clone()) for m in self.layers]
+        for m, (mean, var) in zip(self.layers, self.stats):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        try:
+            yield
+        finally:
+            for m, (mean, var) in zip(self.layers, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+
+
+def evaluate_three_ways(net, plain_stats, train_x, test_x, test_y):
+    """Test accuracy with the plain EMA, the compensated EMA (the layers' buffers) and statistics
+    re-estimated at the current weights (the running statistics do not influence training)."""
+    with plain_stats.loaded():
+        plain = accuracy(net, test_x, test_y)
     precise = copy.deepcopy(net)
     reestimate(precise, train_x)
-    return tuple(accuracy(m, test_x, test_y) for m in (plain, compensated, precise))
+    return plain, accuracy(net, test_x, test_y), accuracy(precise, test_x, test_y)
 
 
 def train_step(net, cbns, it, window, train_x, train_y, gen, opt, sched):
@@ -102,13 +149,14 @@ def train(variant, seed, data, iters, burn_in, lr, eval_at):
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [int(iters * 0.7), int(iters * 0.9)])
     gen = torch.Generator().manual_seed(seed)
     cbns = [m for m in net.modules() if isinstance(m, CrossIterationBatchNorm2d)]
+    plain_stats = PlainRunningStats(net)
     results = {}
     for it in range(iters):
         if it in eval_at:
-            results[it] = evaluate_three_ways(net, train_x, test_x, test_y)
+            results[it] = evaluate_three_ways(net, plain_stats, train_x, test_x, test_y)
         train_step(net, cbns, it, 1 if it < burn_in else window, train_x, train_y, gen, opt,
                    sched)
-    results[iters] = evaluate_three_ways(net, train_x, test_x, test_y)
+    results[iters] = evaluate_three_ways(net, plain_stats, train_x, test_x, test_y)
     return results
 
 
