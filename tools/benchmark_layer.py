@@ -9,15 +9,19 @@ Variants, measured side by side (interleaved, median over repeats) on each conv 
   autograd k=4    the authors' approach, re-written here for comparison: two autograd.grad calls per
                   layer per iteration and dmu/dW, dnu/dW and W stored per entry (3|W|)
 
-Each step runs forward, backward and an SGD update (so the weights move and compensation is real);
-the time of forward + backward is reported as a ratio to BN. Window memory is in floats and as a
+Each step runs forward, backward and an SGD update (so the weights move and compensation is real;
+the update includes CBN's move of the running statistics to the new weights); the time of the
+whole step is reported as a ratio to BN. On CUDA, ``--sync-debug`` runs every step under
+``torch.cuda.set_sync_debug_mode('warn')`` and reports the host syncs each variant made. Window memory is in floats and as a
 multiple of k * |W| (CBN keeps k slots: the k - 1 entries in use and the iteration's own).
 
-Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15]
+Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15] [--sync-debug]
 """
 import argparse
+import contextlib
 import statistics
 import time
+import warnings
 
 import torch
 from torch import nn
@@ -94,6 +98,20 @@ def make_variant(name, shape, device, batch):
     return conv, norm, forward, opt, floats
 
 
+@contextlib.contextmanager
+def count_syncs(enabled):
+    """Records a warning per host sync of the CUDA stream within the block (when ``enabled``)."""
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter('always')
+        if enabled:
+            torch.cuda.set_sync_debug_mode('warn')
+        try:
+            yield seen
+        finally:
+            if enabled:
+                torch.cuda.set_sync_debug_mode('default')
+
+
 def sync(device):
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -110,6 +128,7 @@ def run(args):
         x = torch.randn(args.batch, cin, size, size, device=device,
                         requires_grad=not shape_name.startswith('stem'))
         variants = {n: make_variant(n, shape, device, args.batch) for n in names}
+        syncs = {n: 0 for n in names}
         times = {n: [] for n in names}
         for rep in range(args.repeats + args.warmup):
             for n in names:  # interleaved, so drift on a noisy machine hits every variant alike
@@ -117,11 +136,13 @@ def run(args):
                 norm.iteration = rep  # what CBNHook does: one iteration per step
                 sync(device)
                 t0 = time.perf_counter()
-                out = forward(x)
-                out.square().mean().backward()
+                with count_syncs(args.sync_debug and rep >= args.warmup) as seen:
+                    out = forward(x)
+                    out.square().mean().backward()
+                    opt.step()
                 sync(device)
                 elapsed = time.perf_counter() - t0
-                opt.step()
+                syncs[n] += len(seen)
                 opt.zero_grad(set_to_none=True)
                 x.grad = None
                 if rep >= args.warmup:
@@ -133,16 +154,18 @@ def run(args):
             floats = variants[n][4]()
             k = int(n.split('=')[1].split()[0]) if '=' in n else 1
             rows.append((shape_name, n, med * 1e3, med / bn_time, floats,
-                         floats / (k * weight_floats) if k > 1 else 0.0))
+                         floats / (k * weight_floats) if k > 1 else 0.0, syncs[n]))
     print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
           f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
           f'batch {args.batch}, median of {args.repeats}')
-    print('| conv | variant | fwd+bwd ms | x BN | window floats | / (k |W|) |')
-    print('|---|---|---:|---:|---:|---:|')
-    for shape_name, n, ms, ratio, floats, per_w in rows:
-        print(f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | '
-              f'{per_w:.3f} |' if per_w else
-              f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | - |')
+    sync_column = args.sync_debug and device.type == 'cuda'
+    print('| conv | variant | step ms | x BN | window floats | / (k |W|) |' +
+          (' host syncs |' if sync_column else ''))
+    print('|---|---|---:|---:|---:|---:|' + ('---:|' if sync_column else ''))
+    for shape_name, n, ms, ratio, floats, per_w, num_syncs in rows:
+        print(f'| {shape_name} | {n} | {ms:.2f} | {ratio:.2f} | {floats:,} | ' +
+              (f'{per_w:.3f} |' if per_w else '- |') +
+              (f' {num_syncs} |' if sync_column else ''))
 
 
 def main():
@@ -151,6 +174,8 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--sync-debug', action='store_true',
+                        help="CUDA: count host syncs per variant (set_sync_debug_mode('warn'))")
     args = parser.parse_args()
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')

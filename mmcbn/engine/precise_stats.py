@@ -17,12 +17,12 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..layers import CrossIterationBatchNorm2d
 from ..layers.conv_moments import output_moments
+from ..layers.distributed import all_reduce_sum, is_distributed
 
 
 def loader_batches(loader) -> Iterator[Any]:
@@ -148,9 +148,8 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[Any],
     names = list(layers)
     if names:
         flat = torch.cat([sums[n] for n in names])
-        if dist.is_available() and dist.is_initialized() and \
-                dist.get_world_size(process_group) > 1:
-            dist.all_reduce(flat, group=process_group)
+        if is_distributed(process_group):
+            all_reduce_sum(flat, process_group)
         offset = 0
         for n in names:
             size = sums[n].numel()

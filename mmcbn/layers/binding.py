@@ -13,13 +13,14 @@ can be compensated: a deformable or weight-standardised conv, a transposed conv,
 through anything after the conv (an activation, a pooling) cannot.
 """
 import re
+import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Set, Tuple
+from typing import Callable, List, Optional, Set, Tuple
 
 import torch
 from torch import Tensor, nn
 
-from .conv_moments import ConvGeometry
+from .conv_moments import ConvGeometry, PositionSample, identity_excess, moment_derivatives
 
 #: ``forward`` functions of ``nn.Conv2d`` subclasses known to compute a plain conv with
 #: ``self.weight``. Extend it to allow another wrapper.
@@ -53,6 +54,23 @@ class ConvBinding:
     def trainable(self) -> bool:
         """Whether the optimizer can change the conv (else compensation is zero)."""
         return self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+
+    def derivatives(self, conv_input: Tensor, output: Tensor,
+                    sample: Optional[PositionSample] = None,
+                    moments: Optional[Tuple[Tensor, Tensor]] = None
+                    ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The derivatives of ``output``'s moments w.r.t. this conv's weight (float32 or wider):
+        ``patch_mean``, ``sqmean_grad`` (from ``sample``'s positions, or all) and, for a sampled
+        one and the batch's ``moments`` given, its :func:`~mmcbn.layers.conv_moments.
+        identity_excess`."""
+        with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
+            patch_mean, sqmean_grad = moment_derivatives(
+                conv_input.detach(), output.detach(), self.geometry, self.weight, self.bias,
+                sample)
+            excess = None
+            if sample is not None and moments is not None:
+                excess = identity_excess(sqmean_grad, self.weight, self.bias, *moments)
+        return patch_mean, sqmean_grad, excess
 
 
 def plain_conv_problem(module: nn.Module) -> Optional[str]:
@@ -135,34 +153,47 @@ def _leaf_parameter(node) -> Optional[Tensor]:
     return getattr(node, 'variable', None) if node is not None else None
 
 
-def binding_from_graph(output: Tensor) -> Tuple[Optional[ConvBinding], str]:
-    """Binds to the conv whose output ``output`` is, read off the autograd graph.
+@dataclass(frozen=True)
+class GraphBinding:
+    """What the autograd graph of a layer's input says about the conv that produced it.
 
-    Returns:
-        ``(binding, '')``, or ``(None, reason)``; the reason is '' when nothing upstream can change
-        (a frozen conv, or an input that does not require grad), where no compensation is needed.
+    Args:
+        binding: the producing conv, when it can be compensated.
+        reason: why it cannot be, when it cannot.
+        nothing_to_compensate: nothing upstream can change (a frozen conv, an input that does not
+            require grad): the uncompensated window is exact.
     """
+    binding: Optional[ConvBinding] = None
+    reason: str = ''
+    nothing_to_compensate: bool = False
+
+
+def binding_from_graph(output: Tensor) -> GraphBinding:
+    """Binds to the conv whose output ``output`` is, read off the autograd graph."""
     fn = output.grad_fn
     if fn is None:
-        return None, ''
+        return GraphBinding(nothing_to_compensate=True)
     if type(fn).__name__ != 'ConvolutionBackward0':
-        return None, f'its input comes from {type(fn).__name__}, not directly from a conv'
+        return GraphBinding(reason=f'its input comes from {type(fn).__name__}, not directly from '
+                            'a conv')
     if fn._saved_transposed or len(fn._saved_weight.shape) != 4:
-        return None, 'its input comes from a transposed or non-2d conv'
+        return GraphBinding(reason='its input comes from a transposed or non-2d conv')
     weight = _leaf_parameter(fn.next_functions[1][0])
     if weight is None:
         if fn.next_functions[1][0] is None:
-            return None, ''  # frozen weight
-        return None, ('the weight of the conv before it is computed from its parameter (e.g. '
-                      'weight standardisation)')
+            return GraphBinding(nothing_to_compensate=True)  # frozen weight
+        return GraphBinding(reason='the weight of the conv before it is computed from its '
+                            'parameter (e.g. weight standardisation)')
     bias_sizes = fn._saved_bias_sym_sizes_opt
     has_bias = bias_sizes is not None and tuple(bias_sizes) == (weight.shape[0], )
     bias = _leaf_parameter(fn.next_functions[2][0]) if has_bias else None
     if has_bias and bias is None:
-        return None, 'the conv before it has a bias that is not a trainable leaf parameter'
+        return GraphBinding(reason='the conv before it has a bias that is not a trainable leaf '
+                            'parameter')
     geometry = ConvGeometry(tuple(weight.shape), tuple(fn._saved_stride), tuple(fn._saved_padding),
                             tuple(fn._saved_dilation), fn._saved_groups)
-    return ConvBinding(weight, bias, geometry, f'conv with weight {tuple(weight.shape)}'), ''
+    return GraphBinding(ConvBinding(weight, bias, geometry,
+                                    f'conv with weight {tuple(weight.shape)}'))
 
 
 def conv_input_from_graph(output: Tensor, binding: ConvBinding) -> Optional[Tensor]:
@@ -188,3 +219,85 @@ def input_contradicts_binding(output: Tensor, binding: ConvBinding) -> bool:
         return True
     leaf = _leaf_parameter(fn.next_functions[1][0])
     return leaf is not None and leaf is not binding.weight
+
+
+class ProducerLink:
+    """A CBN layer's link to the conv that produces its input, the one object the layer asks:
+    which conv (:attr:`binding`), what its input was in this forward, and whether this call can be
+    compensated (:meth:`resolve`).
+
+    The conv's input is captured by a forward hook on a bound conv (the layer passes its own
+    capturing method, which keeps the layer picklable) or read off the autograd graph.
+    """
+
+    def __init__(self) -> None:
+        self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
+        #: why the layer cannot be compensated, once known; None if bound or not yet tried
+        self.unbound_reason: Optional[str] = None
+        self.captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
+
+    @property
+    def binding(self) -> Optional[ConvBinding]:
+        return self._bindings[0] if self._bindings else None
+
+    def bind(self, conv: nn.Conv2d, name: str, capture: Callable) -> None:
+        """Binds to ``conv``, capturing its input and output with the forward hook ``capture``;
+        raises TypeError if it cannot be compensated."""
+        binding = binding_for(conv, name)
+        self.unbind()
+        binding.hook = conv.register_forward_hook(capture)
+        self._bindings.append(binding)
+
+    def unbind(self, reason: Optional[str] = None) -> None:
+        for binding in self._bindings:
+            if binding.hook is not None:
+                binding.hook.remove()
+        self._bindings.clear()
+        self.captured = None
+        self.unbound_reason = reason
+
+    def capture(self, conv_input: Tensor, output: Tensor) -> None:
+        self.captured = (conv_input, weakref.ref(output))
+
+    def resolve(self, input: Tensor, needed: bool,
+                warn: Callable[[str, str], None]) -> Tuple[bool, Optional[Tensor]]:
+        """Whether this call with ``input`` can be compensated, and the bound conv's input if
+        available. Binds from the graph on the first call of a layer nobody bound.
+
+        Args:
+            needed: whether anything is to be compensated; False only drops the capture.
+            warn: ``warn(key, message)``, the layer's warn-once.
+        """
+        captured, self.captured = self.captured, None
+        if not needed:
+            return False, None
+        binding = self.binding
+        if binding is None:
+            if self.unbound_reason is None:
+                found = binding_from_graph(input)
+                if found.nothing_to_compensate:
+                    return False, None
+                if found.binding is None:
+                    self.unbound_reason = found.reason
+                else:
+                    binding = found.binding
+                    self._bindings.append(binding)
+            if binding is None:
+                warn('unbound', f'runs the uncompensated window: {self.unbound_reason}')
+                return False, None
+        if binding.module is not None and captured is not None:
+            if captured[1]() is input:
+                return True, captured[0]
+            contradicted = True  # the bound conv ran, but its output is not this input
+        else:
+            contradicted = input_contradicts_binding(input, binding)
+        if contradicted:
+            warn('mismatch', f'got an input that is not the output of its bound conv '
+                 f'({binding.name}); such calls use the uncompensated window')
+            return False, None
+        return True, conv_input_from_graph(input, binding)
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state['captured'] = None  # a tensor of the current forward, not state
+        return state

@@ -2,23 +2,21 @@
 import contextlib
 import random
 import warnings
-import weakref
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from mmengine.registry import MODELS
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .binding import (ConvBinding, binding_for, binding_from_graph, conv_input_from_graph,
-                      input_contradicts_binding)
-from .conv_moments import (choose_position_sample, identity_excess, moment_derivatives,
-                           output_moments)
-from .distributed import is_distributed, pool_moments
-from .iteration_state import IterationState, start_iteration, window_average
+from .binding import ConvBinding, ProducerLink
+from .conv_moments import choose_position_sample
+from .distributed import is_distributed
+from .iteration_state import (BatchStatistics, IterationState, batch_statistics, describe_window,
+                              start_iteration, window_average)
 from .normalize import NormalizeWithWindow
-from .running_drift import RunningDrift, follow_optimizer_steps
-from ..utils.validation import check_int, check_number
+from .running_stats import RunningDrift, follow_optimizer_steps, update_running_stats
+from ..utils.validation import check_bool, check_choice, check_int, check_number
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -45,17 +43,10 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     The state dict holds exactly ``nn.BatchNorm2d``'s keys; the window is scratch state, kept in
     float32 (or wider) on the layer's device and never saved.
 
-    The producing conv is found by :meth:`bind` (called by the converters and by ``CBNHook`` from the
-    module structure) or, for a layer nobody bound, from the autograd graph on its first training
-    forward. A layer whose input does not come straight from a plain conv runs the uncompensated
-    window (as ``compensation=False``) and warns once.
-
-    Iteration boundaries: entries recorded in one iteration join the window at the next one. When
-    :attr:`iteration` is set (``CBNHook`` sets it from ``runner.iter``), all calls with the same value
-    are one iteration: each normalises with its own batch plus the same window, and their statistics
-    are merged into one entry (weighted by size). When it is None, each call is its own iteration.
-    In both cases a call whose batch statistics equal an earlier call's of the same iteration (the
-    recomputation done by gradient checkpointing) reuses the window and records nothing.
+    The producing conv is bound by :meth:`bind` (the converters, ``CBNHook``) or read off the autograd
+    graph; a layer fed by anything else runs the uncompensated window and warns once. All calls
+    with the same :attr:`iteration` (set by ``CBNHook``; None: each call is one) are one iteration,
+    whose entries join the window at the next. Details: docs/how_it_works.md.
 
     Args:
         num_features: number of channels ``C``.
@@ -68,33 +59,22 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         compensation: compensate earlier entries for the weight change; False gives naive CBN (the
             ablation baseline). Default: True.
         window_grad: pass the gradient through the compensated entries to the bound conv's current
-            weight and bias (beyond the paper, which treats them as constants: measured to train
-            stably at windows 8-16 and without burn-in where the constants do not; see
-            docs/evidence.md). Costs one small batched product per layer in the backward and one
-            more window slot. Default: True.
-        derivative_positions: estimate ``d E[y^2]/dW`` (the compensation's weight-gradient GEMM)
-            from about this many output positions, a strided grid with a random offset (unbiased;
-            the mean's derivative stays exact; drawn from the layer's own generator, seeded from
-            ``torch.initial_seed()``, so runs repeat under a seed and the global RNG is untouched).
-            Maps with fewer positions stay exact; None: always exact. Default: None.
-        running_stats_source: ``'batch'`` updates the running statistics from the current batch
-            alone, as BN does; ``'window'`` from the window estimate. ``'batch'`` measured as good or
-            better at batch 2 (``tools/compare_running_stats.py``, see the README). Default:
-            ``'batch'``.
-        sync: synchronised CBN: under torch.distributed, pool the current batch's and every window
-            entry's statistics over the processes of ``process_group`` (as SyncBatchNorm does for
-            the batch; each process still stores only its own entries). Default: False.
-        process_group: the group to synchronise over (default: the world).
-        compensate_running_stats: evaluate the running statistics at the bound conv's current
-            weights (:mod:`~mmcbn.layers.running_drift`): the EMA of the batch means is moved
-            exactly, that of the variances to first order, with the derivatives CBN computes
-            anyway (computed during burn-in too, and for ``window_size=1``). The values are
-            written into ``running_mean``/``running_var`` after every optimizer step, so every
-            reader of the buffers (eval, a checkpoint, a converter, an EMA of the model) sees
-            what eval uses, at any moment. Needs ``running_stats_source='batch'``; a layer that cannot be bound keeps
-            the plain EMA. Under DDP each process compensates with its own batches' derivatives.
-            Default (None): True with ``compensation=True`` and ``running_stats_source='batch'``,
-            else False (naive CBN, the ablation, then costs no derivative work at all).
+            weight and bias (beyond the paper, which treats them as constants; measured to train
+            stably at windows 8-16 and without burn-in, docs/evidence.md). Default: True.
+        derivative_positions: estimate ``d E[y^2]/dW`` from about this many output positions (an
+            unbiased strided grid with a random offset from the layer's own generator, seeded from
+            ``torch.initial_seed()``); smaller maps and None stay exact. Default: None.
+        running_stats_source: update the running statistics from the current ``'batch'`` (as BN)
+            or from the ``'window'`` estimate. Default: ``'batch'``.
+        sync: synchronised CBN: under torch.distributed, pool the batch's and every entry's
+            statistics over ``process_group`` (default: the world); each process stores only its
+            own entries. Default: False.
+        process_group: the group to synchronise over.
+        compensate_running_stats: keep ``running_mean``/``running_var`` at the bound conv's
+            current weights (:mod:`~mmcbn.layers.running_stats`; the mean exactly, the variance
+            to first order), written after every optimizer step, so that every reader of the
+            buffers sees what eval uses at any moment. Needs ``running_stats_source='batch'``.
+            Default (None): ``compensation and running_stats_source == 'batch'``.
     """
     _abbr_ = 'bn'
 
@@ -122,20 +102,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 raise ValueError(f'momentum must be None or in [0, 1], got {momentum}')
         for name, value in (('affine', affine), ('track_running_stats', track_running_stats),
                             ('compensation', compensation), ('sync', sync),
-                            ('window_grad', window_grad)):
-            if not isinstance(value, bool):
-                raise TypeError(f'{name} must be True or False, got {value!r}')
+                            ('window_grad', window_grad),
+                            ('compensate_running_stats', compensate_running_stats)):
+            check_bool(name, value, allow_none=name == 'compensate_running_stats')
         check_int('window_size', window_size, 1)
-        if derivative_positions is not None:
-            check_int('derivative_positions', derivative_positions, 1)
-        if running_stats_source not in RUNNING_STATS_SOURCES:
-            raise ValueError(f'running_stats_source must be one of {RUNNING_STATS_SOURCES}, '
-                             f'got {running_stats_source!r}')
+        check_int('derivative_positions', derivative_positions, 1, allow_none=True)
+        check_choice('running_stats_source', running_stats_source, RUNNING_STATS_SOURCES)
         if compensate_running_stats is None:  # naive CBN (the ablation) computes no derivatives
             compensate_running_stats = compensation and running_stats_source == 'batch'
-        if not isinstance(compensate_running_stats, bool):
-            raise TypeError('compensate_running_stats must be None, True or False, got '
-                            f'{compensate_running_stats!r}')
         if compensate_running_stats and running_stats_source != 'batch':
             raise ValueError("compensate_running_stats=True needs running_stats_source='batch' "
                              f'(got {running_stats_source!r}): the window estimate has no '
@@ -159,9 +133,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # one slot more than the entries in use: this iteration's record never overwrites an entry
         # the iteration reads (its backward still needs them)
         self._window = MomentWindow(window_size if window_size > 1 else 0)
-        self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
-        self._unbound_reason: Optional[str] = None
-        self._captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
+        self._link = ProducerLink()
         self._state: Optional[IterationState] = None
         self._warned: set = set()
         self.last_mean: Optional[Tensor] = None
@@ -184,12 +156,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     @property
     def binding(self) -> Optional[ConvBinding]:
         """The conv this layer is compensated against, or None."""
-        return self._bindings[0] if self._bindings else None
+        return self._link.binding
 
     @property
     def unbound_reason(self) -> Optional[str]:
         """Why the layer cannot be compensated, once known; None if bound or not yet tried."""
-        return self._unbound_reason
+        return self._link.unbound_reason
 
     def bind(self, conv: nn.Conv2d, name: str = '') -> None:
         """Compensates this layer against ``conv``, whose output must be this layer's input.
@@ -198,25 +170,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             TypeError: if ``conv`` is not a plain ``nn.Conv2d`` (e.g. deformable or weight-
                 standardised), whose output moments are not linear in its weight parameter.
         """
-        binding = binding_for(conv, name)
-        self.unbind()
-        binding.hook = conv.register_forward_hook(self._capture_conv_io)
-        self._bindings.append(binding)
+        self._link.bind(conv, name, self._capture_conv_io)
+        self._drift.clear()
 
     def unbind(self, reason: Optional[str] = None) -> None:
         """Removes the binding; ``reason`` marks the layer as not compensable (with a warning)."""
-        for binding in self._bindings:
-            if binding.hook is not None:
-                binding.hook.remove()
-        self._bindings.clear()
-        self._captured = None
-        self._unbound_reason = reason
-        if hasattr(self, '_drift'):
-            self._drift.clear()
+        self._link.unbind(reason)
+        self._drift.clear()
 
     def _capture_conv_io(self, conv: nn.Module, args: tuple, output: Tensor) -> None:
         if self.training:
-            self._captured = (args[0], weakref.ref(output))
+            self._link.capture(args[0], output)
 
     # ------------------------------------------------------------------ state
     def reset_running_stats(self) -> None:
@@ -292,17 +256,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             ``mean``/``var`` (``[E, C]``, compensated to the weights of that forward), ``raw_mean``/
             ``raw_var`` (as recorded), ``valid`` (``[E]``) and ``age`` (iterations back, ``[E]``).
         """
-        state = self._state
-        if state is None or state.mean is None or not state.slots:
-            empty = torch.zeros(0, self.num_features)
-            return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty,
-                        valid=torch.zeros(0), age=torch.zeros(0, dtype=torch.long))
-        window = self._window
-        idx = torch.tensor(state.slots, device=state.mean.device)
-        return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
-                    raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
-                    valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
-                    age=torch.arange(1, len(state.slots) + 1))
+        return describe_window(self._state, self._window, self.num_features)
 
     def window_nbytes(self) -> int:
         """Bytes held by the window (scratch state, not in the state dict)."""
@@ -311,28 +265,17 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         # scratch state stays float32 or wider: a dtype change drops it, a device change moves it
-        if self.running_mean is not None:
-            stats_dtype, device = torch.promote_types(self.running_mean.dtype,
-                                                      torch.float32), self.running_mean.device
-        else:
-            stats_dtype, device = torch.float32, self.weight.device
-        if self._window.mean is not None:
-            if self._window.mean.dtype != stats_dtype:
-                self.reset_window()
-            else:
-                self._window.to_(device)
-                self._state = None
-        if not self._drift.empty:
-            if self._drift.var_grad.dtype != stats_dtype:
-                self._drift.clear()
-            else:
-                self._drift.to_(device)
+        reference = self.running_mean if self.running_mean is not None else self.weight
+        if reference is not None:
+            dtype = torch.promote_types(reference.dtype, torch.float32)
+            self._window.follow(reference.device, dtype)
+            self._drift.follow(reference.device, dtype)
+        self._state = None
         return self
 
     def __getstate__(self):
         # tensors of the current iteration (possibly in an autograd graph) are not state
         state = self.__dict__.copy()
-        state['_captured'] = None
         state['_state'] = None
         return state
 
@@ -362,177 +305,85 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if self.training and (self._effective_window > 1 or self._sync_now() or
                               self.track_running_stats):
             return self._forward_window(input)
-        self._captured = None
+        self._link.captured = None
         return super().forward(input)
 
-    def _tracks_drift(self) -> bool:
-        return self.compensate_running_stats and self.running_mean is not None
-
-    def _drift_derivatives(self, usable: bool, conv_input: Optional[Tensor], output: Tensor,
-                           moments: Optional[Tuple[Tensor, Tensor]] = None
-                           ) -> Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]:
-        if usable and conv_input is not None and self.binding.trainable:
-            return self._derivatives(conv_input, output, moments)
-        return None
-
-    def _ema_factor(self) -> float:
-        """The running statistics' weight for the batch just counted in num_batches_tracked.
-
-        With ``momentum=None`` (a cumulative average) this reads the counter back to the host, as
-        torch's BatchNorm does.
-        """
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
-
-    def _sync_now(self) -> bool:
-        return self.sync and self.training and is_distributed(self.process_group)
-
-    def _display_name(self) -> str:
-        return repr(self.layer_name) if self.layer_name else f'CBN({self.num_features})'
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(f'mmcbn: CBN layer {self._display_name()} {message}', stacklevel=3)
-
-    def _conv_input(self, input: Tensor, needed: bool) -> Tuple[bool, Optional[Tensor]]:
-        """Whether this call can be compensated, and the bound conv's input if available.
-
-        ``needed``: whether anything (the window or the running statistics) is to be compensated;
-        False only drops the captured conv input.
-        """
-        captured, self._captured = self._captured, None
-        if not needed:
-            return False, None
-        binding = self.binding
-        if binding is None:
-            if self._unbound_reason is not None:
-                self._warn_once('unbound', f'runs the uncompensated window: '
-                                f'{self._unbound_reason}')
-                return False, None
-            binding, reason = binding_from_graph(input)
-            if binding is None:
-                if reason:
-                    self._unbound_reason = reason
-                    self._warn_once('unbound', f'runs the uncompensated window: {reason}')
-                return False, None  # reason '': nothing upstream is trainable, naive is exact
-            self._bindings.append(binding)
-        if binding.module is not None and captured is not None:
-            if captured[1]() is input:
-                return True, captured[0]
-            contradicted = True  # the bound conv ran, but its output is not this input
-        else:
-            contradicted = input_contradicts_binding(input, binding)
-        if contradicted:
-            self._warn_once('mismatch', f'got an input that is not the output of its bound conv '
-                            f'({binding.name}); such calls use the uncompensated window')
-            return False, None
-        return True, conv_input_from_graph(input, binding)
-
-    def _start_iteration(self, compensate_now: bool, sync: bool) -> IterationState:
-        window = self._window
-        window.commit_pending()
-        return start_iteration(window, window.recent(self._effective_window - 1), self.iteration,
-                               self.binding if compensate_now else None, self.window_grad,
-                               self.process_group if sync else None, sync)
-
     def _forward_window(self, input: Tensor) -> Tensor:
+        """One training call: the batch's statistics, this iteration's window at the current
+        weights (once per iteration), the normalisation, the record of the batch's entry and the
+        running statistics' update."""
         if self.iteration is None and self._effective_window > 1:
             _warn_no_iteration_source()
         tracks_drift = self._tracks_drift()
-        usable, conv_input = self._conv_input(input, self.compensation or tracks_drift)
-        compensate_now = usable and self.compensation
+        compensable, conv_input = self._link.resolve(input, self.compensation or tracks_drift,
+                                                self._warn_once)
+        compensate_now = compensable and self.compensation
         sync = self._sync_now()
-        num_positions = input.numel() // input.shape[1]
         # statistics in float32 or wider: autocast would run the window's products in half
-        full_precision = torch.autocast(input.device.type, enabled=False)
-        with torch.no_grad(), full_precision:
-            local_mean, local_var = output_moments(input)
-            if sync:
-                mean, var, total = pool_moments(local_mean, local_var,
-                                                torch.full_like(local_mean[0], num_positions),
-                                                self.process_group)
-            else:
-                mean, var, total = local_mean, local_var, None
-            # a non-finite value anywhere makes the variance non-finite (inf - inf, or an
-            # overflow); x * 0 == 0 holds for finite x only. Stays on the device.
-            finite = var.sum().mul_(0.0).eq(0.0)
-
-        windowed = self._effective_window > 1  # else burn-in or BN: the batch alone, no record
-        state, recompute = self._state if windowed else None, False
-        if windowed:
-            # A recomputation happens before the optimizer step: an in-place update of the bound
-            # conv's weight (its version counter moved) means a new iteration whatever the
-            # statistics say.
-            same_iteration = state is not None and (
-                state.iteration == self.iteration if self.iteration is not None else
-                state.weight_version in (None, self._weight_version()))
-            recompute = same_iteration and state.seen(local_mean, local_var)
-            if not recompute and (self.iteration is None or not same_iteration):
-                with full_precision:
-                    state = self._state = self._start_iteration(compensate_now, sync)
-                state.weight_version = self._weight_version()
-            with torch.no_grad(), full_precision:
-                mean_bar, var_bar, inv_k = window_average(state, mean, var)
-        else:
-            mean_bar, var_bar, inv_k = mean, var, None
-        if num_positions == 1 and inv_k is None and not sync:
+        with torch.autocast(input.device.type, enabled=False):
+            batch = batch_statistics(input, self.process_group, sync)
+            state, recompute = self._iteration_state(batch, compensate_now, sync)
+            with torch.no_grad():
+                mean_bar, var_bar, inv_k = (window_average(state, batch.pooled_mean,
+                                                           batch.pooled_var) if state else
+                                            (batch.pooled_mean, batch.pooled_var, None))
+        if batch.num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
         terms = state.grad_terms if compensate_now and state is not None else None
         binding = self.binding if terms is not None else None
         out = NormalizeWithWindow.apply(
             input, self.weight, self.bias, None if binding is None else binding.weight,
-            None if binding is None else binding.bias, mean_bar, var_bar, inv_k, self.eps, total,
-            self.process_group if sync else None, terms)
+            None if binding is None else binding.bias, mean_bar, var_bar, inv_k, self.eps,
+            batch.total, self.process_group if sync else None, terms)
         self.last_mean, self.last_var = mean_bar, var_bar
 
-        want_derivatives = (compensate_now and conv_input is not None
-                            and self.binding.trainable)
-        if recompute:
-            window = self._window
-            if want_derivatives and window.pending is not None and \
+        derivable = compensable and conv_input is not None and self.binding.trainable
+        window = self._window
+        if recompute:  # gradient checkpointing: the entry is recorded, its derivatives may not be
+            if compensate_now and derivable and window.pending is not None and \
                     not window.compensable[window.pending]:
-                window.fill_derivatives(
-                    self._derivatives(conv_input, input, (local_mean, local_var)), finite)
+                window.fill_derivatives(self._derivatives(conv_input, input, batch), batch.finite)
             return out
-
-        if state is not None:
-            state.calls.append((local_mean, local_var))
+        record = state is not None and window.capacity > 0
         derivatives = None
-        record = windowed and self._window.capacity > 0
-        if (want_derivatives and record) or tracks_drift:
-            # the batch's moments only where an entry is recorded: the excess of a sampled
-            # derivative is a window quantity, the running statistics' terms do not need it
-            derivatives = self._drift_derivatives(
-                usable, conv_input, input,
-                (local_mean, local_var) if record and compensate_now else None)
+        if derivable and ((compensate_now and record) or tracks_drift):
+            # the excess of a sampled derivative is a window quantity: computed only to record
+            derivatives = self._derivatives(conv_input, input,
+                                            batch if record and compensate_now else None)
         if record:
-            if self._window.pending is None:
-                self._window.open_pending()
-            self._window.record(local_mean, local_var, finite, num_positions,
-                                derivatives if compensate_now else None, count_positions=self.sync)
+            state.calls.append((batch.mean, batch.var))
+            if window.pending is None:
+                window.open_pending()
+            window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
+                          derivatives if compensate_now else None, count_positions=self.sync)
         if self.track_running_stats:
-            batch_count = total if sync else num_positions
-            num_entries = 1.0 if inv_k is None else state.num_entries
-            self._update_running_stats(mean, var, batch_count, mean_bar, var_bar,
-                                       num_entries * batch_count, finite)
-            if tracks_drift and derivatives is not None:
-                self._drift.update(*derivatives[:2], self.binding.weight, self.binding.bias,
-                                   num_positions, self._ema_factor(), finite)
-                follow_optimizer_steps(self)
+            self._update_running_stats(batch, mean_bar, var_bar, state, derivatives)
         return out
 
-    def _weight_version(self) -> Optional[int]:
-        binding = self.binding
-        return None if binding is None else binding.weight._version
+    def _iteration_state(self, batch: BatchStatistics, compensate_now: bool,
+                         sync: bool) -> Tuple[Optional[IterationState], bool]:
+        """This iteration's window (None: the batch alone, during burn-in or as BN), and whether
+        this call recomputes an earlier one (gradient checkpointing)."""
+        if self._effective_window == 1:
+            return None, False
+        state, version = self._state, self._weight_version()
+        same_iteration = state is not None and state.continues(self.iteration, version)
+        if same_iteration and state.seen(batch.mean, batch.var):
+            return state, True
+        if self.iteration is None or not same_iteration:
+            window = self._window
+            window.commit_pending()
+            state = self._state = start_iteration(
+                window, window.recent(self._effective_window - 1), self.iteration,
+                self.binding if compensate_now else None, self.window_grad,
+                self.process_group if sync else None, sync)
+            state.weight_version = version
+        return state, False
 
     def _derivatives(self, conv_input: Tensor, output: Tensor,
-                     moments: Optional[Tuple[Tensor, Tensor]] = None
-                     ) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-        """``patch_mean``, ``sqmean_grad`` and, for a sampled ``sqmean_grad`` and the batch's
-        ``moments`` given, its :func:`~mmcbn.layers.conv_moments.identity_excess`."""
+                     batch: Optional[BatchStatistics]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """The derivatives for an entry (``batch`` given) or for the running statistics."""
         sample = None
         if self.derivative_positions is not None:
             if self._position_rng is None:
@@ -540,33 +391,49 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                     f'{torch.initial_seed()}/{self.layer_name}/{self.num_features}')
             sample = choose_position_sample(tuple(output.shape), self.derivative_positions,
                                             self._position_rng)
-        with torch.no_grad(), torch.autocast(output.device.type, enabled=False):
-            binding = self.binding
-            patch_mean, sqmean_grad = moment_derivatives(
-                conv_input.detach(), output.detach(), binding.geometry, binding.weight,
-                binding.bias, sample)
-            excess = None
-            if sample is not None and moments is not None:
-                excess = identity_excess(sqmean_grad, binding.weight, binding.bias, *moments)
-        return patch_mean, sqmean_grad, excess
+        return self.binding.derivatives(conv_input, output, sample,
+                                        None if batch is None else (batch.mean, batch.var))
 
-    @torch.no_grad()
-    def _update_running_stats(self, mean, var, batch_count, mean_bar, var_bar, count, finite):
+    def _update_running_stats(self, batch: BatchStatistics, mean_bar: Tensor, var_bar: Tensor,
+                              state: Optional[IterationState],
+                              derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
+                              ) -> None:
         self.num_batches_tracked.add_(1)
-        factor = self._ema_factor()
+        # with momentum=None (a cumulative average) this reads the counter, as torch's BN does
+        factor = self.momentum if self.momentum is not None else \
+            1.0 / float(self.num_batches_tracked)
+        positions = batch.total if batch.total is not None else batch.num_positions
         if self.running_stats_source == 'window':
-            src_mean, src_var, n = mean_bar, var_bar, count
-        else:
-            src_mean, src_var, n = mean, var, batch_count
-        # running_var is unbiased, as in BN: n / (n - 1) with n the number of positions pooled
-        if isinstance(n, Tensor):
-            unbiased = src_var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
-        else:
-            unbiased = src_var * (n / (n - 1) if n > 1 else 1.0)
-        # a non-finite batch leaves the running statistics as they are
-        torch._foreach_lerp_([self.running_mean, self.running_var],
-                             [torch.where(finite, src_mean, self.running_mean),
-                              torch.where(finite, unbiased, self.running_var)], factor)
+            k = 1.0 if state is None or state.mean is None else state.num_entries
+            update_running_stats(self.running_mean, self.running_var, mean_bar, var_bar,
+                                 k * positions, factor, batch.finite)
+            return
+        update_running_stats(self.running_mean, self.running_var, batch.pooled_mean,
+                             batch.pooled_var, positions, factor, batch.finite)
+        if self._tracks_drift() and derivatives is not None:
+            binding = self.binding
+            self._drift.update(derivatives[0], derivatives[1], binding.weight, binding.bias,
+                               batch.num_positions, factor, batch.finite)
+            follow_optimizer_steps(self)
+
+    def _tracks_drift(self) -> bool:
+        return self.compensate_running_stats and self.running_mean is not None
+
+    def _sync_now(self) -> bool:
+        return self.sync and self.training and is_distributed(self.process_group)
+
+    def _weight_version(self) -> Optional[int]:
+        binding = self.binding
+        return None if binding is None else binding.weight._version
+
+    def _display_name(self) -> str:
+        return repr(self.layer_name) if self.layer_name else f'CBN({self.num_features})'
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(f'mmcbn: CBN layer {self._display_name()} {message}', stacklevel=4)
+
 
 CBN = CrossIterationBatchNorm2d
 

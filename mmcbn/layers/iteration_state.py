@@ -12,17 +12,44 @@ Vocabulary (used throughout ``mmcbn.layers``):
 * *k*: the number of entries averaged, the current batch included (``1 / k`` its share).
 """
 from dataclasses import dataclass, field
-from typing import List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .binding import ConvBinding
-from .conv_moments import compensate
+from .conv_moments import compensate, output_moments
 from .distributed import pool_moments
 from .normalize import WindowGradTerms
 from .window import MomentWindow
+
+
+@dataclass
+class BatchStatistics:
+    """One call's batch statistics, float32 or wider, detached."""
+    mean: Tensor  # [C] this process's batch
+    var: Tensor  # [C]
+    num_positions: int  # this process's
+    finite: Tensor  # [] bool: no NaN/Inf in the batch (stays on the device)
+    pooled_mean: Tensor  # [C] over the processes (synchronised CBN), else ``mean``
+    pooled_var: Tensor
+    total: Optional[Tensor] = None  # [] positions over the processes (synchronised CBN)
+
+
+@torch.no_grad()
+def batch_statistics(input: Tensor, process_group, sync: bool) -> BatchStatistics:
+    """The batch's moments, pooled over ``process_group`` when ``sync``."""
+    num_positions = input.numel() // input.shape[1]
+    mean, var = output_moments(input)
+    pooled_mean, pooled_var, total = mean, var, None
+    if sync:
+        pooled_mean, pooled_var, total = pool_moments(
+            mean, var, torch.full_like(mean[0], num_positions), process_group)
+    # a non-finite value anywhere makes the variance non-finite (inf - inf, or an overflow);
+    # x * 0 == 0 holds for finite x only
+    finite = pooled_var.sum().mul_(0.0).eq(0.0)
+    return BatchStatistics(mean, var, num_positions, finite, pooled_mean, pooled_var, total)
 
 
 @dataclass
@@ -38,6 +65,13 @@ class IterationState:
     grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
     weight_version: Optional[int] = None  # the bound conv weight's version counter
     calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
+
+    def continues(self, iteration: Optional[int], weight_version: Optional[int]) -> bool:
+        """Whether a call belongs to this iteration: the same :attr:`iteration`, or without one,
+        no in-place update of the bound conv's weight since (its version counter)."""
+        if iteration is not None:
+            return self.iteration == iteration
+        return self.weight_version in (None, weight_version)
 
     def seen(self, mean: Tensor, var: Tensor) -> bool:
         """Whether a call this iteration had these statistics (a gradient-checkpoint recompute)."""
@@ -83,8 +117,7 @@ def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[
             var = torch.where(use_hat, var_hat, var)
             share = use * window.compensable_mask
     if sync:  # pooled before the clamp, so the clamp sees the entry of all processes
-        counts = use * window.positions
-        mean, var, pooled = pool_moments(mean, var, counts, process_group)
+        mean, var, pooled = pool_moments(mean, var, use * window.positions, process_group)
         use = (pooled > 0).to(use.dtype)
         if share is not None:
             share = share * window.positions / pooled.clamp_min(1.0)
@@ -110,3 +143,18 @@ def window_average(state: IterationState, mean: Tensor,
     spread = means - mean_bar
     var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(spread, spread)
     return mean_bar, var_bar, state.weights[0]
+
+
+def describe_window(state: Optional[IterationState], window: MomentWindow,
+                    num_features: int) -> Dict[str, Tensor]:
+    """The window as ``state`` used it, detached, newest entry first (diagnostics: reads the
+    host's slot list)."""
+    if state is None or state.mean is None or not state.slots:
+        empty = torch.zeros(0, num_features)
+        return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty, valid=torch.zeros(0),
+                    age=torch.zeros(0, dtype=torch.long))
+    idx = torch.tensor(state.slots, device=state.mean.device)
+    return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
+                raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
+                valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
+                age=torch.arange(1, len(state.slots) + 1))

@@ -15,6 +15,17 @@ class ScratchTensors:
             if t is not None:
                 setattr(self, name, t.to(device))
 
+    def follow(self, device, dtype) -> None:
+        """Moves the held tensors to ``device``, or forgets them all (``clear()``) when the first
+        of ``tensor_names`` is not of ``dtype``."""
+        first = getattr(self, self.tensor_names[0])
+        if first is None:
+            return
+        if first.dtype != dtype:
+            self.clear()
+        else:
+            self.to_(device)
+
     def nbytes(self) -> int:
         """Bytes of tensor storage held."""
         return sum(t.numel() * t.element_size()

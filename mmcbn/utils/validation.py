@@ -18,3 +18,16 @@ def check_number(name: str, value, positive: bool = False) -> None:
         raise TypeError(f'{name} must be a number, got {value!r}')
     if positive and not value > 0:
         raise ValueError(f'{name} must be > 0, got {value}')
+
+
+def check_bool(name: str, value, allow_none: bool = False) -> None:
+    """Raises TypeError unless ``value`` is True or False (or None if allowed)."""
+    if not isinstance(value, bool) and not (allow_none and value is None):
+        raise TypeError(f'{name} must be {"None, " if allow_none else ""}True or False, '
+                        f'got {value!r}')
+
+
+def check_choice(name: str, value, choices) -> None:
+    """Raises ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f'{name} must be one of {tuple(choices)}, got {value!r}')

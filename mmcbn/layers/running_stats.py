@@ -1,4 +1,5 @@
-"""Running statistics evaluated at the current conv weights (compensated running statistics).
+"""A CBN layer's running statistics: BN's EMA update, and the EMA evaluated at the current conv
+weights (compensated running statistics).
 
 BN's running mean/var are an exponential moving average (EMA) of batch statistics, each taken at the
 weights of its own iteration. At small batch they lag the weights. With the derivatives CBN already
@@ -28,6 +29,22 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .scratch_tensors import ScratchTensors
+
+
+@torch.no_grad()
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                         num_positions, factor: float, finite: Tensor) -> None:
+    """BN's update: ``running_* += factor * (batch - running_*)``, the variance unbiased with the
+    ``num_positions`` (an int or a tensor) it was taken over; a non-finite batch (``finite``
+    False) leaves both as they are. No host sync."""
+    n = num_positions
+    if isinstance(n, Tensor):
+        unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
+    else:
+        unbiased = var * (n / (n - 1) if n > 1 else 1.0)
+    torch._foreach_lerp_([running_mean, running_var],
+                         [torch.where(finite, mean, running_mean),
+                          torch.where(finite, unbiased, running_var)], factor)
 
 
 class RunningDrift(ScratchTensors):
