@@ -24,6 +24,7 @@ import contextlib
 import json
 import os
 import os.path as osp
+import random
 import statistics
 
 os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
@@ -36,7 +37,8 @@ from torch import nn  # noqa: E402
 import mmcbn  # noqa: E402,F401
 from mmcbn import CrossIterationBatchNorm2d, bind_cbn_layers  # noqa: E402
 from mmcbn.datasets import generate_shapes  # noqa: E402
-from mmcbn.layers.conv_moments import output_moments  # noqa: E402
+from mmcbn.layers.conv_moments import (choose_position_sample, compensate,  # noqa: E402
+                                       identity_excess, moment_derivatives, output_moments)
 
 DATA_ROOT = 'data/demo_shapes'
 ESTIMATORS = ('BN (batch only)', 'naive CBN', 'CBN')
@@ -129,10 +131,12 @@ def rel_errors(mean, var, true_mean, true_var):
 
 
 class ConvInputs:
-    """The input of each layer's bound conv in the last k training forwards (newest last)."""
+    """The input (and the conv's weights then) of each layer's bound conv in the last k training
+    forwards (newest last)."""
 
     def __init__(self, cbns, k):
         self.inputs = [collections.deque(maxlen=k) for _ in cbns]
+        self.weights = [collections.deque(maxlen=k) for _ in cbns]
         self.recording = True
         for i, m in enumerate(cbns):
             m.binding.module.register_forward_hook(self._hook(i))
@@ -141,7 +145,29 @@ class ConvInputs:
         def hook(module, args, output):
             if self.recording:
                 self.inputs[i].append(args[0].detach().clone())
+                self.weights[i].append((module.weight.detach().clone(),
+                                        None if module.bias is None else
+                                        module.bias.detach().clone()))
         return hook
+
+    def compensated_with(self, cbns, i, age, budget, rng):
+        """Batch ``age`` iterations back, its moments at the weights then, moved to the current
+        weights with ``d E[y^2]/dW`` from about ``budget`` output positions (None: all)."""
+        binding = cbns[i].binding
+        x = self.inputs[i][-1 - age].double()
+        w_old, b_old = (None if t is None else t.double() for t in self.weights[i][-1 - age])
+        with torch.no_grad():
+            y = binding.module._conv_forward(x, w_old, b_old)
+            mean, var = output_moments(y)
+            sample = choose_position_sample(tuple(y.shape), budget, rng)
+            patch_mean, sqmean_grad = moment_derivatives(x, y, binding.geometry, w_old, b_old,
+                                                         sample)
+            excess = None if sample is None else identity_excess(sqmean_grad, w_old, b_old, mean,
+                                                                 var)[None]
+            conv = binding.module
+            return compensate(mean[None], var[None], patch_mean[:, None], sqmean_grad[:, None],
+                              conv.weight.double(), None if conv.bias is None else
+                              conv.bias.double(), excess=excess)
 
     def local_truth(self, cbns, i, age):
         """Batch ``age`` iterations back through layer i's conv at its current weights (the
@@ -152,8 +178,9 @@ class ConvInputs:
         return output_moments(y)
 
 
-def measure(net, cbns, recent, conv_inputs):
-    """Per layer: errors of the three window estimators and, per age, of the entries."""
+def measure(net, cbns, recent, conv_inputs, budgets=(), rng=None):
+    """Per layer: errors of the three window estimators and, per age, of the entries (and of
+    entries compensated with derivatives from each of ``budgets`` positions, on their own conv)."""
     truths = []  # [age][layer] -> (mean, var), age 0 = the current batch
     conv_inputs.recording = False
     for x in list(recent)[::-1]:
@@ -195,6 +222,10 @@ def measure(net, cbns, recent, conv_inputs):
                 w['raw_mean'][e].double(), w['raw_var'][e].double(), lm, lv))
             per_age[age]['CBN, own conv'].append(rel_errors(w['mean'][e].double(),
                                                             w['var'][e].double(), lm, lv))
+            for budget in (None, ) + tuple(budgets) if budgets else ():
+                bm, bv = conv_inputs.compensated_with(cbns, i, age, budget, rng)
+                per_age[age][f'own conv, {budget or "all"} positions'].append(
+                    rel_errors(bm[0], bv[0], lm, lv))
     return per_layer, per_age
 
 
@@ -235,6 +266,11 @@ def main():
     parser.add_argument('--lr', type=float, default=1e-3, help='AdamW learning rate')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--out', default='work_dirs/analyze_stats')
+    parser.add_argument('--crop', type=int, default=64, help='crop side in pixels')
+    parser.add_argument('--derivative-positions', type=int, nargs='*', default=[],
+                        help='also compensate each entry, on its own conv, with d E[y^2]/dW from '
+                        'about this many output positions (and with all of them), on the same '
+                        'trajectory')
     parser.add_argument('--data-root', default=DATA_ROOT,
                         help='a COCO-format shapes set (default: the demo set, generated on '
                         'first use)')
@@ -242,7 +278,7 @@ def main():
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     if args.data_root == DATA_ROOT:
         generate_shapes(DATA_ROOT)
-    images, labels = load_crops(args.data_root)
+    images, labels = load_crops(args.data_root, args.crop)
     torch.manual_seed(args.seed)
     net = Classifier(args.window, int(labels.max()) + 1)
     bind_cbn_layers(net)
@@ -255,6 +291,7 @@ def main():
     conv_inputs = ConvInputs(cbns, args.window)
     per_layer_all, per_age_all = [], collections.defaultdict(lambda: collections.defaultdict(list))
     correct = collections.deque(maxlen=200)
+    sample_rng = random.Random(args.seed)
     for it in range(args.iters):
         for m in cbns:
             m.effective_window = 1 if it < args.burn_in else args.window
@@ -265,7 +302,8 @@ def main():
         logits = net(x)
         correct.extend((logits.argmax(1) == labels[idx]).tolist())
         if it >= args.burn_in + args.window and (it + 1) % args.measure_every == 0:
-            per_layer, per_age = measure(net, cbns, recent, conv_inputs)
+            per_layer, per_age = measure(net, cbns, recent, conv_inputs,
+                                         args.derivative_positions, sample_rng)
             if per_layer is not None:
                 per_layer_all.append(per_layer)
                 for age, d in per_age.items():
@@ -307,6 +345,21 @@ def main():
         cells = [' / '.join(f'{statistics.mean(e[j] for e in per_age_all[age][est]):.4f}'
                             for j in range(2)) for est in cols]
         print(f'| {age} | ' + ' | '.join(cells) + ' |')
+    if args.derivative_positions:
+        print('\nOne entry on its own conv, compensated with d E[y^2]/dW from all output positions '
+              'and from about B of them (per layer: smaller maps stay exact); mean / var error\n')
+        budgets = [None] + args.derivative_positions
+        cols = [f'own conv, {b or "all"} positions' for b in budgets]
+        print('| iterations back | ' + ' | '.join(f'{b or "all"} positions' for b in budgets) +
+              ' |')
+        print('|---:|' + '---:|' * len(budgets))
+        for age in sorted(per_age_all):
+            print(f'| {age} | ' + ' | '.join(
+                ' / '.join(f'{statistics.mean(e[j] for e in per_age_all[age][c]):.5f}'
+                           for j in range(2)) for c in cols) + ' |')
+        all_ages = [statistics.mean(e[1] for a in per_age_all for e in per_age_all[a][c])
+                    for c in cols]
+        print('| **all** | ' + ' | '.join(f'**{v:.5f}**' for v in all_ages) + ' |')
     own = [statistics.mean(e[1] for a in per_age_all for e in per_age_all[a][est])
            for est in ('naive CBN, own conv', 'CBN, own conv')]
     print(f'\nown conv, variance error of an entry, naive / compensated: '
