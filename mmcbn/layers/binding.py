@@ -1,4 +1,4 @@
-"""Which conv produces a CBN layer's input.
+"""Which conv produces a CBN layer's input, and the layer's link to it (:class:`ProducerLink`).
 
 Two ways to find it, both ending in a :class:`ConvBinding`:
 
@@ -10,7 +10,8 @@ Two ways to find it, both ending in a :class:`ConvBinding`:
 
 Only a plain ``nn.Conv2d`` (or a subclass that keeps its forward, such as mmcv's ``Conv2d`` wrapper)
 can be compensated: a deformable or weight-standardised conv, a transposed conv, or an input that went
-through anything after the conv (an activation, a pooling) cannot.
+through anything after the conv (an activation, a pooling) cannot. Outcomes are types
+(:class:`ProducerSearch`, :class:`GraphBinding`), never message text.
 """
 import re
 import weakref
