@@ -2,9 +2,12 @@
 
 Variants, measured side by side (interleaved, median over repeats) on each conv shape:
   BN              conv + nn.BatchNorm2d
-  CBN k=2/4/8     conv + CrossIterationBatchNorm2d(window_size=k), full window
+  CBN k=2/4/8     conv + CrossIterationBatchNorm2d(window_size=k), full window, exact derivative
+                  (derivative_positions=None)
   CBN k=4 stop-grad  window_grad=False: no gradient through the entries (the paper's backward)
   CBN k=4 1/16 pos   d E[y^2]/dW from 1/16 of the output positions (derivative_positions)
+  CBN k=4 plain stats  compensate_running_stats=False: BN's running statistics (no EMA of the
+                  derivatives, no move to the new weights after the optimizer step)
   naive CBN k=4   the same without compensation (the paper's ablation)
   autograd k=4    the authors' approach, re-written here for comparison: two autograd.grad calls per
                   layer per iteration and dmu/dW, dnu/dW and W stored per entry (3|W|)
@@ -88,8 +91,8 @@ def make_variant(name, shape, device, batch):
         norm = CrossIterationBatchNorm2d(
             cout, window_size=window, compensation=not name.startswith('naive'),
             window_grad=not name.endswith('stop-grad'),
-            derivative_positions=batch * size * size // 16 if name.endswith('1/16 pos') else None
-        ).to(device)
+            derivative_positions=batch * size * size // 16 if name.endswith('1/16 pos') else None,
+            compensate_running_stats=False if name.endswith('plain stats') else None).to(device)
         norm.bind(conv)
         forward = lambda x: norm(conv(x))  # noqa: E731
         floats = lambda: norm.window_nbytes() // 4  # noqa: E731
@@ -120,7 +123,7 @@ def sync(device):
 def run(args):
     device = torch.device(args.device)
     names = ['BN', 'CBN k=2', 'CBN k=4', 'CBN k=8', 'CBN k=4 stop-grad', 'CBN k=4 1/16 pos',
-             'naive CBN k=4', 'autograd k=4']
+             'CBN k=4 plain stats', 'naive CBN k=4', 'autograd k=4']
     rows = []
     for shape_name, shape in SHAPES.items():
         torch.manual_seed(0)

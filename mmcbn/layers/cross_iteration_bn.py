@@ -63,7 +63,9 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
             stably at windows 8-16 and without burn-in, docs/evidence.md). Default: True.
         derivative_positions: estimate ``d E[y^2]/dW`` from about this many output positions (an
             unbiased strided grid with a random offset from the layer's own generator, seeded from
-            ``torch.initial_seed()``); smaller maps and None stay exact. Default: None.
+            ``torch.initial_seed()``); smaller maps and None stay exact. The default keeps a
+            compensated entry's error within about 1% of the exact derivative's (measured: 288
+            positions +4%, 1152 +0%; docs/evidence.md). Default: 1024.
         running_stats_source: update the running statistics from the current ``'batch'`` (as BN)
             or from the ``'window'`` estimate. Default: ``'batch'``.
         sync: synchronised CBN: under torch.distributed, pool the batch's and every entry's
@@ -91,7 +93,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
                  process_group=None,
                  compensate_running_stats: Optional[bool] = None,
                  window_grad: bool = True,
-                 derivative_positions: Optional[int] = None,
+                 derivative_positions: Optional[int] = 1024,
                  device=None,
                  dtype=None) -> None:
         check_int('num_features', num_features, 1)
