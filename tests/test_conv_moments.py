@@ -5,7 +5,7 @@ from torch import nn
 
 from mmcbn.layers.conv_moments import (ConvGeometry, PositionSample, compensate,
                                        compensation_backward, identity_excess, moment_derivatives,
-                                       output_moments)
+                                       mixture_moments, output_moments)
 
 CONV_SHAPES = [
     # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode
@@ -156,3 +156,22 @@ def test_sampled_derivative_averages_to_the_exact_one_over_all_offsets(conv):
     mean, var = output_moments(y)
     assert identity_excess(exact, conv.weight, conv.bias, mean, var).abs().max() < 1e-10
     assert identity_excess(estimates[0], conv.weight, conv.bias, mean, var).abs().max() > 1e-3
+
+
+def test_mixture_moments_are_the_moments_of_the_pooled_positions():
+    torch.manual_seed(0)
+    sizes = [5, 17, 9]
+    groups = [torch.randn(n, 3, dtype=torch.float64) * (i + 1) + 10 * i for i, n in enumerate(sizes)]
+    pooled = torch.cat(groups)
+    shares = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
+    means = torch.stack([g.mean(0) for g in groups])
+    variances = torch.stack([g.var(0, unbiased=False) for g in groups])
+    mean, var = mixture_moments(shares, means, variances)
+    torch.testing.assert_close(mean, pooled.mean(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(var, pooled.var(0, unbiased=False), rtol=1e-12, atol=1e-12)
+    # with batch dimensions: [N, B] shares, [N, B, C] moments, each column its own mixture
+    batched = mixture_moments(torch.stack([shares, shares.flip(0)], 1),
+                              torch.stack([means, means], 1), torch.stack([variances] * 2, 1))
+    torch.testing.assert_close(batched[0][0], mean, rtol=1e-12, atol=1e-12)
+    flipped = (shares.flip(0)[:, None] * means).sum(0)
+    torch.testing.assert_close(batched[0][1], flipped, rtol=1e-12, atol=1e-12)

@@ -87,6 +87,27 @@ def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
     return torch.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)
 
 
+def mixture_moments(weights: Tensor, means: Tensor,
+                    variances: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean and variance of a mixture of groups of positions, over dim 0.
+
+    Args:
+        weights: ``[N, *batch]``, each group's share (summing to 1 over dim 0).
+        means, variances: ``[N, *batch, C]``, each group's (biased) moments.
+
+    Returns:
+        ``sum_i w_i mean_i`` and ``sum_i w_i (var_i + (mean_i - mean)^2)``, ``[*batch, C]``: the
+        variance written about the pooled mean, with no ``E[y^2] - E[y]^2`` cancellation. Two
+        batched matrix products.
+    """
+    shares = weights.movedim(0, -1).unsqueeze(-2)  # [*batch, 1, N]
+    means = means.movedim(0, -2)  # [*batch, N, C]
+    mean = shares @ means
+    spread = means - mean
+    var = shares @ variances.movedim(0, -2).addcmul(spread, spread)
+    return mean.squeeze(-2), var.squeeze(-2)
+
+
 def _padded(x: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, Tuple[int, int]]:
     if geometry.padding_mode == 'zeros':
         return x, geometry.padding

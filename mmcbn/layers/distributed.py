@@ -5,6 +5,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .conv_moments import mixture_moments
+
 
 def is_distributed(group=None) -> bool:
     """Whether a process group with more than one process is initialised."""
@@ -30,16 +32,15 @@ def pool_moments(mean: Tensor, var: Tensor, positions: Tensor,
     gathered = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, packed, group=group)
     stacked = torch.stack(gathered)
-    sizes, means, variances = stacked[..., :1], stacked[..., 1:c + 1], stacked[..., c + 1:]
+    sizes, means, variances = stacked[..., 0], stacked[..., 1:c + 1], stacked[..., c + 1:]
     total = sizes.sum(0)
     # rows with no positions hold zeros; keep them out of the sums even if they are not finite
     used = sizes > 0
-    weights = torch.where(used, sizes / total.clamp_min(1.0), torch.zeros_like(sizes))
-    means = torch.where(used, means, torch.zeros_like(means))
-    variances = torch.where(used, variances, torch.zeros_like(variances))
-    pooled_mean = (weights * means).sum(0)
-    pooled_var = (weights * (variances + (means - pooled_mean)**2)).sum(0)
-    return pooled_mean, pooled_var, total[..., 0]
+    shares = torch.where(used, sizes / total.clamp_min(1.0), torch.zeros_like(sizes))
+    means = torch.where(used[..., None], means, torch.zeros_like(means))
+    variances = torch.where(used[..., None], variances, torch.zeros_like(variances))
+    pooled_mean, pooled_var = mixture_moments(shares, means, variances)
+    return pooled_mean, pooled_var, total
 
 
 def all_reduce_sum(tensor: Tensor, group=None) -> Tensor:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .binding import ConvBinding
-from .conv_moments import compensate, output_moments
+from .conv_moments import compensate, mixture_moments, output_moments
 from .distributed import pool_moments
 from .normalize import WindowGradTerms
 from .window import MomentWindow
@@ -137,11 +137,8 @@ def window_average(state: IterationState, mean: Tensor,
     share of the average (``1/k``; None without entries)."""
     if state.mean is None:
         return mean, var, None
-    means = torch.cat([mean[None], state.mean])
-    mean_bar = state.weights @ means
-    # var = avg(var_i + mean_i^2) - mean^2, written about mean_bar (no cancellation)
-    spread = means - mean_bar
-    var_bar = state.weights @ torch.cat([var[None], state.var]).addcmul_(spread, spread)
+    mean_bar, var_bar = mixture_moments(state.weights, torch.cat([mean[None], state.mean]),
+                                        torch.cat([var[None], state.var]))
     return mean_bar, var_bar, state.weights[0]
 
 
