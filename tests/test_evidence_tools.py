@@ -62,6 +62,24 @@ def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp
         assert all(h.get('precise_bn_batches', 0) == 0 for h in cfg.custom_hooks), key
 
 
+def test_compare_norms_window_grad_grid_sets_what_its_names_say(tmp_path):
+    compare_norms = load_tool('compare_norms')
+    grid = [k for k in compare_norms.VARIANTS if k.startswith('CBN-2-k')]
+    assert len(grid) == 7  # with CBN-2, the 8 cells of window_grad x window x burn-in
+    seen = set()
+    for key in grid + ['CBN-2']:
+        cfg = compare_norms.variant_config(key, 0, str(tmp_path))
+        norm = cfg.model.backbone.norm_cfg
+        assert cfg.model.neck.norm_cfg == norm
+        hook = next(h for h in cfg.custom_hooks if h['type'] == 'CBNHook')
+        cell = (norm.get('window_size'), norm.get('window_grad', True), hook['burnin_iters'])
+        assert cell == (8 if '-k8' in key else 4, 'stop-grad' not in key,
+                        0 if 'no-burn-in' in key else 300), key
+        seen.add(cell)
+    assert len(seen) == 8
+    assert compare_norms.MAIN_VARIANTS == ['BN-2', 'BN-8', 'GN-2', 'naive-CBN-2', 'CBN-2']
+
+
 def _cbn_layers(model):
     return [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
 

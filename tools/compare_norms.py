@@ -16,6 +16,12 @@ Prints a markdown table (mean +- std over seeds), writes results.json after ever
 skips the runs already there) and a bar chart, compare_norms.png, into the work dir.
 
   python tools/compare_norms.py [--seeds 0 1] [--variants BN-2 CBN-2] [--work-dir DIR]
+
+The window_grad grid (issue 15; about 8 x 17 min per seed on 2 cores):
+
+  python tools/compare_norms.py --seeds 0 1 2 --variants CBN-2 CBN-2-k4-stop-grad CBN-2-k8 \
+      CBN-2-k8-stop-grad CBN-2-k4-no-burn-in CBN-2-k4-stop-grad-no-burn-in CBN-2-k8-no-burn-in \
+      CBN-2-k8-stop-grad-no-burn-in
 """
 import argparse
 import json
@@ -65,6 +71,39 @@ def _naive(cfg):
     cfg.model.neck.norm_cfg.compensation = False
 
 
+def _stop_grad(cfg):
+    """The paper's backward: no gradient through the compensated entries."""
+    cfg.model.backbone.norm_cfg.window_grad = False
+    cfg.model.neck.norm_cfg.window_grad = False
+
+
+def _window_8(cfg):
+    cfg.model.backbone.norm_cfg.window_size = 8
+    cfg.model.neck.norm_cfg.window_size = 8
+
+
+def _no_burn_in(cfg):
+    for hook in cfg.custom_hooks:
+        if hook.get('type') == 'CBNHook':
+            hook['burnin_iters'] = 0
+
+
+def _window_grad_grid():
+    """Issue 15's grid: window_grad on/off x window 4/8 x burn-in on/off; its first cell
+    (window_grad, window 4, burn-in) is CBN-2."""
+    grid = {}
+    for burn_key, burn_name, burn_edits in (('', '', []), ('-no-burn-in', ', no burn-in',
+                                                               [_no_burn_in])):
+        for window, window_edits in (('k4', []), ('k8', [_window_8])):
+            for grad_key, grad_edits in (('', []), ('-stop-grad', [_stop_grad])):
+                edits = window_edits + grad_edits + burn_edits
+                if edits:
+                    grid[f'CBN-2-{window}{grad_key}{burn_key}'] = (
+                        f'CBN {window}{" stop-grad" if grad_key else ""}{burn_name}, 2 img/step',
+                        CBN_CONFIG, edits)
+    return grid
+
+
 VARIANTS = {
     'BN-2': ('BN, 2 img/step', BN_CONFIG, [_bn_as_window_one]),
     'BN-8': ('BN, 8 img/step', BN_CONFIG, [_bn_as_window_one, _large_batch]),
@@ -72,6 +111,8 @@ VARIANTS = {
     'naive-CBN-2': ('naive CBN, 2 img/step', CBN_CONFIG, [_naive]),
     'CBN-2': ('CBN, 2 img/step', CBN_CONFIG, []),
 }
+MAIN_VARIANTS = list(VARIANTS)
+VARIANTS.update(_window_grad_grid())
 
 
 def _evaluate_three_ways(runner, plain_stats):
@@ -200,7 +241,9 @@ def bar_chart(results, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0])
-    parser.add_argument('--variants', nargs='+', default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument('--variants', nargs='+', default=MAIN_VARIANTS, choices=list(VARIANTS),
+                        help='default: the norm comparison; the CBN-2-k=... keys are the '
+                        'window_grad grid')
     parser.add_argument('--work-dir', default='work_dirs/compare_norms')
     parser.add_argument('--iters', type=int, default=None,
                         help='train this many iterations at 2 images per step instead of the '
