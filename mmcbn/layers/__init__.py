@@ -1,3 +1,4 @@
+"""The CBN layer and its parts (see each module's docstring, and the README's code map)."""
 from .binding import ConvBinding, find_producing_conv, plain_conv_problem
 from .conv_moments import ConvGeometry, compensate, moment_derivatives, output_moments
 from .cross_iteration_bn import CBN, CrossIterationBatchNorm2d

@@ -1,3 +1,4 @@
+"""mmengine hooks of mmcbn."""
 from .cbn_hook import CBNHook
 
 __all__ = ['CBNHook']
