@@ -21,6 +21,7 @@ from torch import nn
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
 from mmcbn.engine.precise_stats import recompute_running_stats
 from mmcbn.layers import output_moments
+from mmcbn.layers.running_stats import update_running_stats
 
 
 def make_gratings(num, size=32, seed=0):
@@ -88,14 +89,15 @@ class PlainRunningStats:
             x = args[0].detach()
             with torch.no_grad():
                 mean, var = output_moments(x)
-                if not bool(torch.isfinite(var).all()):
+                finite = torch.isfinite(var).all()
+                if not bool(finite):
                     return
-                n = x.numel() // x.shape[1]
                 self.counts[i] += 1
                 factor = layer.momentum if layer.momentum is not None else 1 / self.counts[i]
                 running_mean, running_var = self.stats[i]
-                running_mean.lerp_(mean.to(running_mean.dtype), factor)
-                running_var.lerp_((var * n / max(n - 1, 1)).to(running_var.dtype), factor)
+                update_running_stats(running_mean, running_var, mean.to(running_mean.dtype),
+                                     var.to(running_var.dtype), x.numel() // x.shape[1], factor,
+                                     finite)
         return track
 
     @contextlib.contextmanager

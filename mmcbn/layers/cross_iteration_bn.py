@@ -286,7 +286,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
             _warn_no_iteration_source()
         tracks_drift = self._tracks_drift()
         compensable, conv_input = self._link.resolve(input, self.compensation or tracks_drift,
-                                                self._warn_once)
+                                                     self._warn_once)
         compensate_now = compensable and self.compensation
         sync = self._sync_now()
         # statistics in float32 or wider: autocast would run the window's products in half
@@ -294,9 +294,9 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
             batch = batch_statistics(input, self.process_group, sync)
             state, recompute = self._iteration_state(batch, compensate_now, sync)
             with torch.no_grad():
-                mean_bar, var_bar, inv_k = (window_average(state, batch.pooled_mean,
-                                                           batch.pooled_var) if state else
-                                            (batch.pooled_mean, batch.pooled_var, None))
+                mean_bar, var_bar, inv_k = (
+                    (batch.pooled_mean, batch.pooled_var, None) if state is None else
+                    window_average(state, batch.pooled_mean, batch.pooled_var))
         if batch.num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')

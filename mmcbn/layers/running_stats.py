@@ -147,11 +147,20 @@ class RunningDrift(ScratchTensors):
     def export_into(self, running_mean: Tensor, running_var: Tensor, weight: Tensor,
                     bias: Optional[Tensor]) -> None:
         """Moves ``running_mean``/``running_var`` to ``weight``/``bias`` (the variance clamped at 0)
-        and rebases, so that the drift is zero there: eight small ops, no sync.
+        and rebases, so that the drift is zero there: a few small ops, no sync.
 
         Idempotent: the statistics the pair describes at any other weights are unchanged."""
+        d_mean, d_var = self.rebase(weight, bias)
+        torch._foreach_add_([running_mean, running_var], [d_mean, d_var])
+        running_var.clamp_min_(0.0)
+
+    @torch.no_grad()
+    def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """Makes the drift zero at ``weight``/``bias``; returns how far the running mean and
+        variance had to move to get there (alone: after setting statistics valid at these
+        parameters)."""
         patch_mean, var_grad, bias_weight, _, _ = self._views(self.state)
-        groups, channels, k = self._shape
+        channels = self._shape[1]
         w = self._flat(weight, var_grad.dtype)
         delta = torch.empty(2 * channels, dtype=var_grad.dtype, device=var_grad.device)
         d_mean, d_var = delta.view(2, channels)
@@ -162,17 +171,8 @@ class RunningDrift(ScratchTensors):
         at_own = self.state[-2 * channels:]  # mean_at_own and var_at_own, adjacent
         delta.sub_(at_own)
         at_own.add_(delta)
-        torch._foreach_add_([running_mean, running_var], [d_mean, d_var])
-        running_var.clamp_min_(0.0)
         self.versions = _versions(weight, bias)
-
-    @torch.no_grad()
-    def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> None:
-        """Makes the drift zero at ``weight``/``bias`` without touching any running statistics:
-        call after setting statistics valid at these parameters."""
-        scratch_mean, scratch_var = torch.zeros(2, self._shape[1], dtype=self.state.dtype,
-                                                device=self.state.device)
-        self.export_into(scratch_mean, scratch_var, weight, bias)
+        return d_mean, d_var
 
 
 def _versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
@@ -262,6 +262,7 @@ class CompensatedRunningStats:
             binding = self.binding
             self._drift.update(derivatives[0], derivatives[1], binding.weight, binding.bias,
                                batch.num_positions, factor, batch.finite)
+            # every call, not once: a copied or unpickled layer must join too
             follow_optimizer_steps(self)
 
     def _tracks_drift(self) -> bool:
