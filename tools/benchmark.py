@@ -44,8 +44,11 @@ def _norm(kind):
         return dict(type='BN', requires_grad=True)
     if kind == 'GN':
         return dict(type='GN', num_groups=32, requires_grad=True)
-    window, compensation = kind
-    return dict(type='CBN', window_size=window, compensation=compensation, requires_grad=True)
+    window, compensation, *exact = kind
+    norm = dict(type='CBN', window_size=window, compensation=compensation, requires_grad=True)
+    if exact:  # the exact d E[y^2]/dW over every output position (the layer samples 1024)
+        norm['derivative_positions'] = None
+    return norm
 
 
 #: name -> (backbone norm, neck/head norm, backbone norm_eval)
@@ -55,9 +58,11 @@ VARIANTS = {
     'CBN k=2': ((2, True), (2, True), False),
     'CBN k=4': ((4, True), (4, True), False),
     'CBN k=8': ((8, True), (8, True), False),
+    'CBN k=4 exact': ((4, True, 'exact'), (4, True, 'exact'), False),
     'naive CBN k=4': ((4, False), (4, False), False),
     'BN, frozen backbone': ('BN', 'BN', True),
     'CBN k=4 neck+heads': ('BN', (4, True), True),
+    'CBN k=4 neck+heads exact': ('BN', (4, True, 'exact'), True),
 }
 #: the BN variant each one is compared with
 BASELINE = {name: ('BN, frozen backbone' if frozen else 'BN')
