@@ -119,6 +119,11 @@ def test_compensation_backward_is_autograd_of_the_compensated_moments(groups):
     torch.testing.assert_close(got[1], expected[1])
     assert compensation_backward(grad_mean, grad_sqmean, mean, patch_mean, sqmean_grad,
                                  with_bias=False)[1] is None
+    # gradients handed over up to constant factors (as the normalisation's backward does)
+    scaled = compensation_backward(grad_mean / -1.0, grad_sqmean / -0.5, mean, patch_mean,
+                                   sqmean_grad, mean_scale=-1.0, sqmean_scale=-0.5)
+    torch.testing.assert_close(scaled[0], expected[0])
+    torch.testing.assert_close(scaled[1], expected[1])
     # and compensate() computes those moments (variance = second moment - mean^2)
     got_mean, got_var = compensate(mean, var, patch_mean, sqmean_grad,
                                    weight.detach().reshape(channels, k, 1, 1), bias.detach(),

@@ -179,7 +179,7 @@ def test_deployment_fold_equals_cbn_eval():
             for p in net.parameters():
                 p -= 0.05 * p.grad
                 p.grad = None
-    assert all(m.running_stats_nbytes() > 0 for m in cbns)  # eval() exports compensated stats
+    assert all(m.running_stats_nbytes() > 0 for m in cbns)  # the running stats are compensated
     net.eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():

@@ -19,7 +19,7 @@ CONV_SHAPES = [
 
 
 def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
-                             running_stats_source='batch', window_grad=True, seed=0):
+                             running_stats_source='batch', window_grad=True, seed=0, affine=True):
     torch.manual_seed(seed)
     cin, cout, k, s, p, d, g, bias = shape
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
@@ -27,19 +27,24 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
     # reference in test_running_stats.py
     cbn = CrossIterationBatchNorm2d(cout, window_size=window_size, compensation=compensation,
                                     running_stats_source=running_stats_source,
-                                    window_grad=window_grad,
+                                    window_grad=window_grad, affine=affine,
                                     compensate_running_stats=False).double()
-    nn.init.uniform_(cbn.weight, 0.5, 1.5)
-    nn.init.uniform_(cbn.bias, -0.5, 0.5)
+    if affine:
+        nn.init.uniform_(cbn.weight, 0.5, 1.5)
+        nn.init.uniform_(cbn.bias, -0.5, 0.5)
+        gamma = cbn.weight.detach().clone().requires_grad_()
+        beta = cbn.bias.detach().clone().requires_grad_()
+    else:
+        gamma = torch.ones(cout, dtype=torch.float64)
+        beta = torch.zeros(cout, dtype=torch.float64)
     if bind:
         cbn.bind(conv, 'conv')
     conv_ref = copy.deepcopy(conv)
-    gamma = cbn.weight.detach().clone().requires_grad_()
-    beta = cbn.bias.detach().clone().requires_grad_()
     ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation,
                        running_stats_source=running_stats_source, window_grad=window_grad)
     opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
-    opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=lr)
+    opt_ref = torch.optim.SGD([*conv_ref.parameters(), *([gamma, beta] if affine else [])],
+                              lr=lr)
     for step in range(steps):
         x = torch.randn(2, cin, 9, 10, dtype=torch.float64) + 0.3
         y = conv(x)
@@ -57,8 +62,9 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
         torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, **close)
         if bias:
             torch.testing.assert_close(conv.bias.grad, conv_ref.bias.grad, **close)
-        torch.testing.assert_close(cbn.weight.grad, gamma.grad, **close)
-        torch.testing.assert_close(cbn.bias.grad, beta.grad, **close)
+        if affine:
+            torch.testing.assert_close(cbn.weight.grad, gamma.grad, **close)
+            torch.testing.assert_close(cbn.bias.grad, beta.grad, **close)
         torch.testing.assert_close(cbn.running_mean, ref.running_mean, **close)
         torch.testing.assert_close(cbn.running_var, ref.running_var, **close)
         opt.step()
@@ -79,6 +85,12 @@ def test_matches_float64_reference(shape, window_size, bind, window_grad):
                                    window_grad=window_grad)
     assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
     assert cbn.binding is not None
+
+
+@pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
+def test_without_affine_parameters_matches_float64_reference(window_grad):
+    """affine=False: the input gradient (seen through the conv's) has no weight to carry 1/k."""
+    _train_against_reference(CONV_SHAPES[0], 3, True, True, window_grad=window_grad, affine=False)
 
 
 @pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])

@@ -314,8 +314,8 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
 
 
 def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, patch_mean: Tensor,
-                          sqmean_grad: Tensor,
-                          with_bias: bool = True) -> Tuple[Tensor, Optional[Tensor]]:
+                          sqmean_grad: Tensor, with_bias: bool = True, mean_scale: float = 1.0,
+                          sqmean_scale: float = 1.0) -> Tuple[Tensor, Optional[Tensor]]:
     """The gradient of the compensated moments w.r.t. the current conv weight and bias.
 
     The adjoint of :func:`compensate` in the (mean, second moment) form: ``mean_hat = <p, W_c> + b_c``
@@ -323,7 +323,9 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
 
     Args:
         grad_mean, grad_sqmean: ``[E, C]`` gradients w.r.t. each entry's ``mean_hat`` and
-            ``sqmean_hat`` (zero for entries that are not compensated).
+            ``sqmean_hat`` (zero for entries that are not compensated), up to the factors
+            ``mean_scale`` and ``sqmean_scale`` (folded into the products, so that a caller's
+            signs and constants cost no pass of their own).
         mean: ``[E, C]`` the entries' recorded means (finite).
         patch_mean, sqmean_grad: ``[groups, E, K]`` and ``[C, E, K]``, as for :func:`compensate`.
         with_bias: whether the conv has a bias (else no bias gradient is computed).
@@ -336,8 +338,14 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
     # [g, C/g, E] @ [g, E, K] -> [g, C/g, K]; then + [C, 1, E] @ [C, E, K]
     grad_weight = torch.bmm(grad_mean.t().reshape(groups, channels // groups, num_entries),
                             patch_mean).reshape(channels, 1, k)
-    grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad)
-    grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean, value=2.0).sum(0) if with_bias else None
+    grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad,
+                                beta=mean_scale, alpha=sqmean_scale)
+    grad_bias = None
+    if with_bias:
+        grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean,
+                                  value=2.0 * sqmean_scale / mean_scale).sum(0)
+        if mean_scale != 1.0:
+            grad_bias = grad_bias.mul_(mean_scale)
     return grad_weight.reshape(channels, k), grad_bias
 
 

@@ -100,7 +100,8 @@ def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[
     state = IterationState(iteration, slots)
     if not slots:
         return state
-    use = window.in_window(len(slots))  # [S]
+    weights = window.in_window(len(slots))  # [1 + S]: the current batch, then each slot
+    use = weights[1:]
     mean, var = window.mean, window.var
     share = None
     compensated = [window.compensable[s] for s in slots]
@@ -119,13 +120,13 @@ def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[
     if sync:  # pooled before the clamp, so the clamp sees the entry of all processes
         mean, var, pooled = pool_moments(mean, var, use * window.positions, process_group)
         use = (pooled > 0).to(use.dtype)
+        weights = F.pad(use, (1, 0), value=1.0)
         if share is not None:
             share = share * window.positions / pooled.clamp_min(1.0)
     if share is not None and window_grad:
         state.grad_terms = WindowGradTerms.build(share, mean, var, window.mean, window.patch_mean,
                                                  window.sqmean_grad)
     state.mean, state.var = mean, var.clamp_min(0.0)
-    weights = F.pad(use, (1, 0), value=1.0)
     state.num_entries = weights.sum()
     state.weights = weights / state.num_entries
     return state

@@ -32,16 +32,16 @@ class WindowGradTerms:
     mean_hat ** 2)``).
 
     Args:
-        neg_share: ``[S, 1]`` minus each slot's share in its entry: 1 for a used, compensated slot
-            (under synchronised CBN, this process's fraction of the entry's positions), else 0.
-        half_kept: ``[S, C]`` ``-share / 2`` where the entry's variance was not clamped, else 0.
-        neg_clamped_mean: ``[S, C]`` ``-share * mean_hat`` where it was clamped, else 0.
+        share: ``[S, 1]`` each slot's share in its entry: 1 for a used, compensated slot (under
+            synchronised CBN, this process's fraction of the entry's positions), else 0.
+        kept_share: ``[S, C]`` the share where the entry's variance was not clamped, else 0.
+        clamped_mean: ``[S, C]`` ``share * mean_hat`` where it was clamped, else 0.
         mean: ``[S, C]`` the means as recorded (this process's).
         patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
     """
-    neg_share: Tensor
-    half_kept: Tensor
-    neg_clamped_mean: Tensor
+    share: Tensor
+    kept_share: Tensor
+    clamped_mean: Tensor
     mean: Tensor
     patch_mean: Tensor
     sqmean_grad: Tensor
@@ -52,7 +52,7 @@ class WindowGradTerms:
         """From the shares, the compensated entries before the clamp and the recorded ones."""
         share = share[:, None]
         kept = share * (var_hat >= 0)
-        return cls(-share, kept * -0.5, (kept - share) * mean_hat, mean, patch_mean, sqmean_grad)
+        return cls(share, kept, (share - kept) * mean_hat, mean, patch_mean, sqmean_grad)
 
 
 class NormalizeWithWindow(torch.autograd.Function):
@@ -66,7 +66,8 @@ class NormalizeWithWindow(torch.autograd.Function):
            = BN_backward(dy) / k + (1 - 1/k) * weight * invstd * dy
 
     so both directions run on torch's fused BatchNorm kernels (eval-mode forward with our statistics,
-    training-mode backward with them as the saved statistics) plus one elementwise pass. With a
+    training-mode backward with them as the saved statistics and ``weight / k`` as the weight) plus
+    one elementwise pass. With a
     process group (synchronised CBN), ``M`` counts every process's positions and the two sums are
     all-reduced, as in SyncBatchNorm.
 
@@ -100,13 +101,23 @@ class NormalizeWithWindow(torch.autograd.Function):
         terms = ctx.terms
         need_conv = terms is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        batch_scale = None  # weight * invstd / k: the current batch's share
+        if inv_k is not None and (need_conv or (need_x and sync_count is None)):
+            batch_scale = scale * inv_k
         if sync_count is None:
+            # BN's input gradient is linear in its weight: the kernel with weight / k gives
+            # BN_backward(dy) / k without another pass over the activation
+            bn_weight = weight
+            if need_x and inv_k is not None and weight is not None:
+                bn_weight = (weight * inv_k).to(weight.dtype)
             grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, weight, None, None, mean, invstd, True, ctx.eps,
+                grad_out, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
                 [need_x, need_w or need_conv, need_b or need_conv])
             if grad_x is not None and inv_k is not None:
-                coef = ((1.0 - inv_k) * scale).to(grad_x.dtype)[None, :, None, None]
-                grad_x = grad_x.mul_(inv_k.to(grad_x.dtype)).addcmul_(grad_out, coef)
+                if bn_weight is weight:  # no weight to scale (affine=False)
+                    grad_x = grad_x.mul_(inv_k.to(grad_x.dtype))
+                coef = (scale - batch_scale).to(grad_x.dtype)[None, :, None, None]
+                grad_x = grad_x.addcmul_(grad_out, coef)
             grad_weight = sum_dy_xhat if need_w else None
             grad_bias = sum_dy if need_b else None
             sums = (sum_dy.to(invstd.dtype), sum_dy_xhat.to(invstd.dtype)) if need_conv else None
@@ -134,24 +145,25 @@ class NormalizeWithWindow(torch.autograd.Function):
         grad_conv_weight = grad_conv_bias = None
         if need_conv:
             with torch.autocast(x.device.type, enabled=False):
-                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums, scale, invstd,
-                                                                      mean, inv_k)
+                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums,
+                                                                      batch_scale, invstd, mean)
         return (grad_x, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias, None, None, None,
                 None, None, None, None)
 
 
-def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, scale: Tensor, invstd: Tensor,
-                       mean: Tensor, inv_k: Tensor):
+def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, t: Tensor, invstd: Tensor,
+                       mean: Tensor):
     """The conv's weight and bias gradients through the compensated entries (see
-    :class:`WindowGradTerms`); ``sums`` holds ``sum(dy)`` and ``sum(dy * xhat)``."""
-    t = scale * inv_k
+    :class:`WindowGradTerms`); ``sums`` holds ``sum(dy)`` and ``sum(dy * xhat)``, ``t`` is
+    ``weight * invstd / k``."""
     u = t * invstd * sums[1]  # -2 b / k
     neg_base = torch.addcmul(t * sums[0], u, mean, value=-1.0)  # -(a - 2 b mean) / k
-    grad_sqmean = terms.half_kept * u
-    grad_mean = torch.addcmul(terms.neg_share * neg_base, terms.neg_clamped_mean, u)
+    neg_grad_mean = torch.addcmul(terms.share * neg_base, terms.clamped_mean, u)
+    kept_u = terms.kept_share * u  # -2 d sqmean_hat
     weight_dtype, bias_dtype = ctx.conv_dtypes
-    grad_w, grad_b = compensation_backward(grad_mean, grad_sqmean, terms.mean, terms.patch_mean,
-                                           terms.sqmean_grad, with_bias=bias_dtype is not None)
+    grad_w, grad_b = compensation_backward(neg_grad_mean, kept_u, terms.mean, terms.patch_mean,
+                                           terms.sqmean_grad, with_bias=bias_dtype is not None,
+                                           mean_scale=-1.0, sqmean_scale=-0.5)
     grad_conv_weight = (grad_w.reshape(ctx.conv_weight_shape).to(weight_dtype)
                         if ctx.needs_input_grad[3] else None)
     grad_conv_bias = grad_b.to(bias_dtype) if bias_dtype is not None and \

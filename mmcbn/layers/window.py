@@ -34,7 +34,7 @@ class MomentWindow(ScratchTensors):
         capacity: number of slots (the window size, current batch included; 0 for a window of 1).
     """
     tensor_names = ('mean', 'var', 'compensable_mask', 'age', 'positions', 'zero', 'inf',
-                    'patch_mean', 'sqmean_grad', 'excess')
+                    'patch_mean', 'sqmean_grad', 'excess', 'uses')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -52,6 +52,8 @@ class MomentWindow(ScratchTensors):
         self.patch_mean: Optional[Tensor] = None
         self.sqmean_grad: Optional[Tensor] = None
         self.excess: Optional[Tensor] = None  # [capacity, C], for sampled derivatives only
+        self.uses: Optional[Tensor] = None  # [2, 1 + capacity], see in_window
+        self._uses_row = 0
         self.num_positions: List[int] = [0] * self.capacity
         self.num_calls: List[int] = [0] * self.capacity
         self.compensable: List[bool] = [False] * self.capacity
@@ -87,8 +89,14 @@ class MomentWindow(ScratchTensors):
         return slot
 
     def in_window(self, num_entries: int) -> Tensor:
-        """``[capacity]``: 1 for the valid entries among the ``num_entries`` most recent, else 0."""
-        return (self.age <= num_entries).to(self.mean.dtype)
+        """``[1 + capacity]``: 1 for the current batch, then per slot 1 for the valid entries among
+        the ``num_entries`` most recent, else 0. Written in place (one kernel) into one of two
+        buffers that alternate between calls, so the previous iteration's backward can still read
+        the tensor it was given."""
+        self._uses_row ^= 1
+        uses = self.uses[self._uses_row]
+        torch.le(self.age, num_entries, out=uses[1:])
+        return uses
 
     def _allocate(self, num_channels: int, device, dtype) -> None:
         if self.mean is None or self.mean.shape[1] != num_channels or self.mean.device != device:
@@ -97,6 +105,7 @@ class MomentWindow(ScratchTensors):
             self.compensable_mask = torch.zeros(self.capacity, device=device, dtype=dtype)
             self.positions = torch.zeros_like(self.compensable_mask)
             self.age = torch.full_like(self.compensable_mask, float('inf'))
+            self.uses = torch.ones(2, self.capacity + 1, device=device, dtype=dtype)
             # where()'s fills for in-place writes
             self.zero = torch.zeros((), device=device, dtype=dtype)
             self.inf = torch.full((), float('inf'), device=device, dtype=dtype)
