@@ -141,6 +141,26 @@ def test_steady_step_has_no_stalls_and_a_bounded_op_count(name, kwargs):
         f'{len(steady[0])} ops against BN\'s {len(bn_ops)}: {Counter(steady[0]).most_common()}')
 
 
+def test_a_layer_called_twice_per_iteration_has_no_stalls():
+    """A head shared by two FPN levels: the second call joins the iteration (same window, merged
+    entry) without comparing statistics on the host."""
+    torch.manual_seed(0)
+    conv, cbn = _cbn()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.01)
+    levels = [torch.randn(2, 16, 12, 12), torch.randn(2, 16, 6, 6)]
+    for it in range(7):
+        cbn.iteration = it
+        census = OpCensus()
+        with census:
+            sum(cbn(conv(x)).square().sum() for x in levels).backward()
+        opt.step()
+        opt.zero_grad()
+        if it >= 5:
+            stalls = sorted(op for op in set(census.ops) if op in STALLING or op.startswith('host:'))
+            assert not stalls, f'stalling ops: {stalls}'
+    assert cbn._window.num_calls[cbn._window.pending] == 2  # both calls in one entry
+
+
 def test_running_stats_follow_an_optimizer_step_in_a_few_ops_without_stalls():
     torch.manual_seed(0)
     bn_steps = []

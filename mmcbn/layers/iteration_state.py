@@ -11,7 +11,7 @@ Vocabulary (used throughout ``mmcbn.layers``):
 * *positions*: the ``N * H * W`` values per channel behind a statistic;
 * *k*: the number of entries averaged, the current batch included (``1 / k`` its share).
 """
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -64,7 +64,6 @@ class IterationState:
     num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
     grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
     weight_version: Optional[int] = None  # the bound conv weight's version counter
-    calls: List[Tuple[Tensor, Tensor]] = field(default_factory=list)  # (mean, var) of each call
 
     def continues(self, iteration: Optional[int], weight_version: Optional[int]) -> bool:
         """Whether a call belongs to this iteration: the same :attr:`iteration`, or without one,
@@ -72,15 +71,6 @@ class IterationState:
         if iteration is not None:
             return self.iteration == iteration
         return self.weight_version in (None, weight_version)
-
-    def seen(self, mean: Tensor, var: Tensor) -> bool:
-        """Whether a call this iteration had these statistics (a gradient-checkpoint recompute)."""
-        for m, v in self.calls:
-            tol_mean = 1e-5 * (v.sqrt() + m.abs()) + 1e-12
-            if bool(((m - mean).abs() <= tol_mean).all() &
-                    ((v - var).abs() <= 1e-5 * v + 1e-12).all()):
-                return True
-        return False
 
 
 def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[int],
