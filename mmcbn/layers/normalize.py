@@ -114,7 +114,7 @@ class NormalizeWithWindow(torch.autograd.Function):
                 grad_out, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
                 [need_x, need_w or need_conv, need_b or need_conv])
             if grad_x is not None and inv_k is not None:
-                if bn_weight is weight:  # no weight to scale (affine=False)
+                if weight is None:  # affine=False: no weight to carry 1/k
                     grad_x = grad_x.mul_(inv_k.to(grad_x.dtype))
                 coef = (scale - batch_scale).to(grad_x.dtype)[None, :, None, None]
                 grad_x = grad_x.addcmul_(grad_out, coef)
