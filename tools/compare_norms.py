@@ -17,6 +17,9 @@ skips the runs already there) and a bar chart, compare_norms.png, into the work 
 
   python tools/compare_norms.py [--seeds 0 1] [--variants BN-2 CBN-2] [--work-dir DIR]
 
+Several processes may share a work dir (each adds its runs to results.json under a file lock), e.g.
+two with ``--threads 1`` on a 2-core machine, each with its own variants.
+
 The window_grad grid (issue 15; about 8 x 17 min per seed on 2 cores):
 
   python tools/compare_norms.py --seeds 0 1 2 --variants CBN-2 CBN-2-k4-stop-grad CBN-2-k8 \
@@ -24,11 +27,13 @@ The window_grad grid (issue 15; about 8 x 17 min per seed on 2 cores):
       CBN-2-k8-stop-grad-no-burn-in
 """
 import argparse
+import fcntl
 import json
 import os
 import os.path as osp
 import statistics
 import time
+from typing import List, Optional
 
 os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 
@@ -238,6 +243,19 @@ def bar_chart(results, path):
     plt.close(fig)
 
 
+def _results(path: str, add: Optional[dict] = None) -> List[dict]:
+    """The runs in ``path``, read (and with ``add``, extended and written) under a file lock, so
+    that processes sharing a work dir never drop each other's runs."""
+    with open(path + '.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.load(open(path)) if osp.exists(path) else []
+        if add is not None:
+            results.append(add)
+            with open(path, 'w') as f:
+                json.dump(results, f, indent=1)
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument('--seeds', type=int, nargs='+', default=[0])
@@ -251,19 +269,20 @@ def main():
     parser.add_argument('--data-root', default=None,
                         help='another COCO-format shapes set (default: the demo set, generated '
                         'on first use)')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch threads (default: every core)')
     args = parser.parse_args()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
     os.makedirs(args.work_dir, exist_ok=True)
     results_file = osp.join(args.work_dir, 'results.json')
-    results = json.load(open(results_file)) if osp.exists(results_file) else []
     for seed in args.seeds:
         for key in args.variants:
-            if any(r['variant'] == key and r['seed'] == seed for r in results):
+            if any(r['variant'] == key and r['seed'] == seed for r in _results(results_file)):
                 continue
-            results.append(run_one(key, seed, args.work_dir, args.iters, args.data_root))
-            with open(results_file, 'w') as f:
-                json.dump(results, f, indent=1)
+            result = run_one(key, seed, args.work_dir, args.iters, args.data_root)
+            results = _results(results_file, add=result)
             print(table(results), flush=True)
+    results = _results(results_file)
     chart = osp.join(args.work_dir, 'compare_norms.png')
     bar_chart(results, chart)
     print(f'\n{table(results)}\n\nresults: {results_file}\nchart: {chart}')
