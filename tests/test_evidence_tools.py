@@ -80,6 +80,27 @@ def test_compare_norms_window_grad_grid_sets_what_its_names_say(tmp_path):
     assert compare_norms.MAIN_VARIANTS == ['BN-2', 'BN-8', 'GN-2', 'naive-CBN-2', 'CBN-2']
 
 
+def test_compare_norms_processes_sharing_a_work_dir_keep_every_run(tmp_path):
+    """results.json is read and extended under a lock: concurrent writers lose no run (flock
+    also excludes separate opens within one process, so threads stand in for processes)."""
+    import threading
+    compare_norms = load_tool('compare_norms')
+    path = str(tmp_path / 'results.json')
+
+    def add_runs(writer):
+        for seed in range(25):
+            compare_norms._results(path, add=dict(variant=f'writer{writer}', seed=seed))
+
+    threads = [threading.Thread(target=add_runs, args=(w, )) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    runs = json.load(open(path))
+    assert sorted((r['variant'], r['seed']) for r in runs) == sorted(
+        (f'writer{w}', s) for w in range(4) for s in range(25))
+
+
 def _cbn_layers(model):
     return [m for m in model.modules() if isinstance(m, CrossIterationBatchNorm2d)]
 
