@@ -90,8 +90,8 @@ def make_variant(name, shape, device):
         norm = CrossIterationBatchNorm2d(
             cout, window_size=window, compensation=not name.startswith('naive'),
             window_grad=not name.endswith('stop-grad'),
-            derivative_positions=None if name.endswith('exact') else 1024,
-            compensate_running_stats=False if name.endswith('plain stats') else None).to(device)
+            compensate_running_stats=False if name.endswith('plain stats') else None,
+            **(dict(derivative_positions=None) if name.endswith('exact') else {})).to(device)
         norm.bind(conv)
         forward = lambda x: norm(conv(x))  # noqa: E731
         floats = lambda: norm.window_nbytes() // 4  # noqa: E731
