@@ -177,24 +177,35 @@ def choose_position_sample(shape: Tuple[int, int, int, int], budget: Optional[in
                           rng.randrange(batch_stride))
 
 
+def _crop_of_padded(x: Tensor, dim: int, pad: int, start: int,
+                    stop: int) -> Tuple[Tensor, int, int]:
+    """Rows ``[start, stop)`` along ``dim`` of ``x`` zero-padded by ``pad`` on both sides, as the
+    crop of ``x`` itself and the zeros still to pad before and after it (padding the whole input
+    first would cost a pass over it)."""
+    size = x.shape[dim]
+    first, last = min(max(start - pad, 0), size), min(max(stop - pad, 0), size)
+    return x.narrow(dim, first, last - first), max(pad - start, 0), max(stop - pad - size, 0)
+
+
 def _sampled_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding,
                                   sample: PositionSample) -> Tensor:
-    """``sum over the sampled positions of y_c * p``: the same weight-gradient conv with stride
-    ``sample.stride * s`` over the (explicitly padded) input cropped at the sample's offset."""
+    """``sum over the sampled positions of y_c * p``: the same product with stride
+    ``sample.stride * s`` over the crop of the input the sampled patches cover."""
     r = sample.stride
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     kh, kw = geometry.weight_shape[2:]
-    ph, pw = padding
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
     y = y[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
     rows, cols = y.shape[2:]
     top, left = sample.row * sh, sample.col * sw
-    x = x[sample.image::sample.batch_stride, :,
-          top:top + (rows - 1) * r * sh + dh * (kh - 1) + 1,
-          left:left + (cols - 1) * r * sw + dw * (kw - 1) + 1]
+    x = x[sample.image::sample.batch_stride]
+    x, pad_top, pad_bottom = _crop_of_padded(x, 2, padding[0], top,
+                                             top + (rows - 1) * r * sh + dh * (kh - 1) + 1)
+    x, pad_left, pad_right = _crop_of_padded(x, 3, padding[1], left,
+                                             left + (cols - 1) * r * sw + dw * (kw - 1) + 1)
+    if pad_top or pad_bottom or pad_left or pad_right:
+        x = F.pad(x, (pad_left, pad_right, pad_top, pad_bottom))
     strided = dataclasses.replace(geometry, stride=(r * sh, r * sw))
-    return _weight_grad(y, x, geometry.weight_shape, strided, geometry.groups, (0, 0))
+    return _output_patch_product(y, x, strided, (0, 0))
 
 
 def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
@@ -279,9 +290,9 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
 
     Args:
         mean, var: ``[E, C]`` per-entry mean and variance recorded at the old weights.
-        patch_mean: ``[groups, E, K]``; sqmean_grad: ``[C, E, K]`` (see
-            :func:`moment_derivatives`; entries stacked along dim 1, channel-major, so that both
-            products are batched matrix multiplications over contiguous memory).
+        patch_mean: ``[E, groups, K]``; sqmean_grad: ``[E, C, K]`` (see
+            :func:`moment_derivatives`; entries stacked along dim 0, so that an entry is one
+            contiguous block and every product is one pass over memory).
         weight: the current conv weight ``[C, C_in // groups, kh, kw]``; bias: ``[C]`` or None.
         clamp: clamp the variance at 0; False leaves it to the caller (which pools entries across
             processes first).
@@ -294,14 +305,16 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
         (The variance is as precise as the product ``<sqmean_grad, W_t>``, whose rounding is of the
         order of the second moment's in any form of the formula.)
     """
-    groups, num_entries, k = patch_mean.shape
+    num_entries, groups, k = patch_mean.shape
     channels = weight.shape[0]
     w = weight.detach().to(mean.dtype).reshape(channels, k)
     # [g, E, K] @ [g, K, C/g] -> [g, E, C/g] -> [E, C]
-    mean_hat = torch.bmm(patch_mean, w.reshape(groups, channels // groups, k).transpose(1, 2))
+    mean_hat = torch.bmm(patch_mean.transpose(0, 1),
+                         w.reshape(groups, channels // groups, k).transpose(1, 2))
     mean_hat = mean_hat.transpose(0, 1).reshape(num_entries, channels)
-    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old
-    sqmean_hat = torch.bmm(sqmean_grad, w.unsqueeze(-1)).view(channels, num_entries).t()
+    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old; a row-wise dot (a
+    # batched matrix-vector product runs several times slower over the same memory)
+    sqmean_hat = torch.linalg.vecdot(sqmean_grad, w)
     sqmean_hat = sqmean_hat - torch.addcmul(var, mean, mean)
     if excess is not None:
         sqmean_hat = sqmean_hat.sub_(excess)
@@ -327,19 +340,20 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
             ``mean_scale`` and ``sqmean_scale`` (folded into the products, so that a caller's
             signs and constants cost no pass of their own).
         mean: ``[E, C]`` the entries' recorded means (finite).
-        patch_mean, sqmean_grad: ``[groups, E, K]`` and ``[C, E, K]``, as for :func:`compensate`.
+        patch_mean, sqmean_grad: ``[E, groups, K]`` and ``[E, C, K]``, as for :func:`compensate`.
         with_bias: whether the conv has a bias (else no bias gradient is computed).
 
     Returns:
         The weight gradient ``[C, K]`` and the bias gradient ``[C]`` (None without a bias).
     """
-    groups, num_entries, k = patch_mean.shape
-    channels = sqmean_grad.shape[0]
-    # [g, C/g, E] @ [g, E, K] -> [g, C/g, K]; then + [C, 1, E] @ [C, E, K]
-    grad_weight = torch.bmm(grad_mean.t().reshape(groups, channels // groups, num_entries),
-                            patch_mean).reshape(channels, 1, k)
-    grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad,
-                                beta=mean_scale, alpha=sqmean_scale)
+    num_entries, groups, k = patch_mean.shape
+    channels = sqmean_grad.shape[1]
+    # sum_e grad_sqmean[e, c] * sqmean_grad[e, c]: one pass over the entries
+    grad_weight = (sqmean_grad * grad_sqmean.unsqueeze(-1)).sum(0)
+    # + [g, C/g, E] @ [g, E, K]
+    grad_weight = torch.baddbmm(grad_weight.view(groups, channels // groups, k),
+                                grad_mean.t().reshape(groups, channels // groups, num_entries),
+                                patch_mean.transpose(0, 1), beta=sqmean_scale, alpha=mean_scale)
     grad_bias = None
     if with_bias:
         grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean,
@@ -355,10 +369,8 @@ def identity_excess(sqmean_grad: Tensor, weight: Tensor, bias: Optional[Tensor],
     taken at: 0 for the exact derivative (Euler's identity), not for a sampled one, whose
     compensation must subtract it (else its noise enters through the identity; :func:`compensate`'s
     ``excess``)."""
-    channels = weight.shape[0]
-    w = weight.detach().to(sqmean_grad.dtype).reshape(channels, 1, -1)
-    excess = torch.bmm(w, sqmean_grad.unsqueeze(-1)).view(channels)
-    excess = excess - 2.0 * torch.addcmul(var, mean, mean)
+    w = weight.detach().to(sqmean_grad.dtype).reshape(weight.shape[0], -1)
+    excess = torch.linalg.vecdot(sqmean_grad, w) - 2.0 * torch.addcmul(var, mean, mean)
     if bias is not None:
         excess = excess.addcmul_(bias.detach().to(excess.dtype), mean, value=2.0)
     return excess
