@@ -69,8 +69,8 @@ def test_compensation_is_first_order_taylor_with_clamp(shape):
             exp_mean += (g_m * d).reshape(len(d), -1).sum(1)
             exp_sq += (g_s * d).reshape(len(d), -1).sum(1)
         exp_var = torch.maximum(exp_sq, exp_mean**2) - exp_mean**2
-        got_mean, got_var = compensate(mean0[None], var0[None], patch_mean[None],
-                                       sqmean_grad[None],
+        got_mean, got_var = compensate(mean0[None], var0[None], patch_mean[:, None],
+                                       sqmean_grad[:, None],
                                        new[0], new[1] if len(new) > 1 else None)
         torch.testing.assert_close(got_mean[0], exp_mean, rtol=1e-9, atol=1e-9)
         torch.testing.assert_close(got_var[0], exp_var, rtol=1e-9, atol=1e-9)
@@ -103,13 +103,13 @@ def test_compensation_backward_is_autograd_of_the_compensated_moments(groups):
     entries, channels, k = 4, 6, 5
     f64 = dict(dtype=torch.float64)
     mean, var = torch.randn(entries, channels, **f64), torch.rand(entries, channels, **f64)
-    patch_mean = torch.randn(entries, groups, k, **f64)
-    sqmean_grad = torch.randn(entries, channels, k, **f64)
+    patch_mean = torch.randn(groups, entries, k, **f64)
+    sqmean_grad = torch.randn(channels, entries, k, **f64)
     weight = torch.randn(channels, k, **f64, requires_grad=True)
     bias = torch.randn(channels, **f64, requires_grad=True)
     group_of = torch.arange(channels) // (channels // groups)
-    mean_hat = torch.einsum('eck,ck->ec', patch_mean[:, group_of], weight) + bias
-    sqmean_hat = (torch.einsum('eck,ck->ec', sqmean_grad, weight) + 2 * mean * bias -
+    mean_hat = torch.einsum('cek,ck->ec', patch_mean[group_of], weight) + bias
+    sqmean_hat = (torch.einsum('cek,ck->ec', sqmean_grad, weight) + 2 * mean * bias -
                   (var + mean**2))
     grad_mean, grad_sqmean = torch.randn_like(mean), torch.randn_like(mean)
     expected = torch.autograd.grad((grad_mean * mean_hat + grad_sqmean * sqmean_hat).sum(),

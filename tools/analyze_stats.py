@@ -165,7 +165,7 @@ class ConvInputs:
             excess = None if sample is None else identity_excess(sqmean_grad, w_old, b_old, mean,
                                                                  var)[None]
             conv = binding.module
-            return compensate(mean[None], var[None], patch_mean[None], sqmean_grad[None],
+            return compensate(mean[None], var[None], patch_mean[:, None], sqmean_grad[:, None],
                               conv.weight.double(), None if conv.bias is None else
                               conv.bias.double(), excess=excess)
 

@@ -240,7 +240,8 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     pixels = (x[:, :, ::geometry.stride[0], ::geometry.stride[1]][:, :, :ho, :wo]
               if (kh, kw) == (1, 1) and tuple(padding) == (0, 0) else None)
     if (pixels is not None and weight is not None and full_precision_y and g == 1
-            and cin_g < c_out):
+            and _gram_is_cheaper(cin_g, c_out, num_positions if sample is None else
+                                 num_positions // sample.inverse_probability)):
         return _widening_1x1_derivatives(pixels, weight, bias, sample)
     # scaling the small result instead of grad_y saves a pass over the output
     if sample is None:
@@ -258,22 +259,29 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
 
 
+def _gram_is_cheaper(in_channels: int, out_channels: int, positions: int) -> bool:
+    """Whether a 1x1 conv's ``sum(y p^T)`` costs fewer multiply-adds through the input's Gram
+    matrix (``P K^2 + C K^2``) than directly (``P K C``)."""
+    return in_channels * (positions + out_channels) < positions * out_channels
+
+
 def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor, bias: Optional[Tensor],
                               sample: Optional[PositionSample] = None) -> Tuple[Tensor, Tensor]:
     """``moment_derivatives`` of an ungrouped, unpadded 1x1 conv from the input's Gram matrix;
     ``pixels``: the input at the output positions, ``[N, K, Ho, Wo]``.
 
     At every position ``y = W p + b``, so ``(2/M) sum(y p^T) = 2 W G + 2 b mean(p)^T`` with
-    ``G = (1/M) sum(p p^T)``: ``M K^2`` multiply-adds instead of ``M K C``, fewer when ``K < C``
-    (the bottleneck's last conv and the downsample shortcut widen 4x or 2x).
+    ``G = (1/M) sum(p p^T)``: ``(M + C) K^2`` multiply-adds instead of ``M K C``, fewer when the
+    conv widens (the bottleneck's last conv and the downsample shortcut, 4x and 2x) over many
+    positions (:func:`_gram_is_cheaper`).
     """
-    patches = pixels.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
-    num_positions = patches.shape[0]
-    patch_mean = patches.mean(0, keepdim=True)  # [1, K]
+    n, k, ho, wo = pixels.shape
+    num_positions = n * ho * wo
+    patch_mean = pixels.mean((0, 2, 3)).unsqueeze(0)  # [1, K]
     if sample is not None:  # the Gram matrix of the sampled positions, scaled to an estimate
         r = sample.stride
-        patches = pixels[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
-        patches = patches.permute(0, 2, 3, 1).reshape(-1, pixels.shape[1])
+        pixels = pixels[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
+    patches = pixels.permute(0, 2, 3, 1).reshape(-1, k)
     scale = (sample.inverse_probability if sample is not None else 1) / num_positions
     gram = patches.t().mm(patches).mul_(scale)
     w = weight.detach().to(patches.dtype).reshape(weight.shape[0], -1)
@@ -290,9 +298,9 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
 
     Args:
         mean, var: ``[E, C]`` per-entry mean and variance recorded at the old weights.
-        patch_mean: ``[E, groups, K]``; sqmean_grad: ``[E, C, K]`` (see
-            :func:`moment_derivatives`; entries stacked along dim 0, so that an entry is one
-            contiguous block and every product is one pass over memory).
+        patch_mean: ``[groups, E, K]``; sqmean_grad: ``[C, E, K]`` (see
+            :func:`moment_derivatives`; entries stacked along dim 1, channel-major, so that both
+            products are batched matrix multiplications over contiguous memory).
         weight: the current conv weight ``[C, C_in // groups, kh, kw]``; bias: ``[C]`` or None.
         clamp: clamp the variance at 0; False leaves it to the caller (which pools entries across
             processes first).
@@ -305,16 +313,14 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
         (The variance is as precise as the product ``<sqmean_grad, W_t>``, whose rounding is of the
         order of the second moment's in any form of the formula.)
     """
-    num_entries, groups, k = patch_mean.shape
+    groups, num_entries, k = patch_mean.shape
     channels = weight.shape[0]
     w = weight.detach().to(mean.dtype).reshape(channels, k)
     # [g, E, K] @ [g, K, C/g] -> [g, E, C/g] -> [E, C]
-    mean_hat = torch.bmm(patch_mean.transpose(0, 1),
-                         w.reshape(groups, channels // groups, k).transpose(1, 2))
+    mean_hat = torch.bmm(patch_mean, w.reshape(groups, channels // groups, k).transpose(1, 2))
     mean_hat = mean_hat.transpose(0, 1).reshape(num_entries, channels)
-    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old; a row-wise dot (a
-    # batched matrix-vector product runs several times slower over the same memory)
-    sqmean_hat = torch.linalg.vecdot(sqmean_grad, w)
+    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old
+    sqmean_hat = torch.bmm(sqmean_grad, w.unsqueeze(-1)).view(channels, num_entries).t()
     sqmean_hat = sqmean_hat - torch.addcmul(var, mean, mean)
     if excess is not None:
         sqmean_hat = sqmean_hat.sub_(excess)
@@ -340,20 +346,19 @@ def compensation_backward(grad_mean: Tensor, grad_sqmean: Tensor, mean: Tensor, 
             ``mean_scale`` and ``sqmean_scale`` (folded into the products, so that a caller's
             signs and constants cost no pass of their own).
         mean: ``[E, C]`` the entries' recorded means (finite).
-        patch_mean, sqmean_grad: ``[E, groups, K]`` and ``[E, C, K]``, as for :func:`compensate`.
+        patch_mean, sqmean_grad: ``[groups, E, K]`` and ``[C, E, K]``, as for :func:`compensate`.
         with_bias: whether the conv has a bias (else no bias gradient is computed).
 
     Returns:
         The weight gradient ``[C, K]`` and the bias gradient ``[C]`` (None without a bias).
     """
-    num_entries, groups, k = patch_mean.shape
-    channels = sqmean_grad.shape[1]
-    # sum_e grad_sqmean[e, c] * sqmean_grad[e, c]: one pass over the entries
-    grad_weight = (sqmean_grad * grad_sqmean.unsqueeze(-1)).sum(0)
-    # + [g, C/g, E] @ [g, E, K]
-    grad_weight = torch.baddbmm(grad_weight.view(groups, channels // groups, k),
-                                grad_mean.t().reshape(groups, channels // groups, num_entries),
-                                patch_mean.transpose(0, 1), beta=sqmean_scale, alpha=mean_scale)
+    groups, num_entries, k = patch_mean.shape
+    channels = sqmean_grad.shape[0]
+    # [g, C/g, E] @ [g, E, K] -> [g, C/g, K]; then + [C, 1, E] @ [C, E, K]
+    grad_weight = torch.bmm(grad_mean.t().reshape(groups, channels // groups, num_entries),
+                            patch_mean).reshape(channels, 1, k)
+    grad_weight = torch.baddbmm(grad_weight, grad_sqmean.t().unsqueeze(1), sqmean_grad,
+                                beta=mean_scale, alpha=sqmean_scale)
     grad_bias = None
     if with_bias:
         grad_bias = torch.addcmul(grad_mean, mean, grad_sqmean,
@@ -369,8 +374,10 @@ def identity_excess(sqmean_grad: Tensor, weight: Tensor, bias: Optional[Tensor],
     taken at: 0 for the exact derivative (Euler's identity), not for a sampled one, whose
     compensation must subtract it (else its noise enters through the identity; :func:`compensate`'s
     ``excess``)."""
-    w = weight.detach().to(sqmean_grad.dtype).reshape(weight.shape[0], -1)
-    excess = torch.linalg.vecdot(sqmean_grad, w) - 2.0 * torch.addcmul(var, mean, mean)
+    channels = weight.shape[0]
+    w = weight.detach().to(sqmean_grad.dtype).reshape(channels, 1, -1)
+    excess = torch.bmm(w, sqmean_grad.unsqueeze(-1)).view(channels)
+    excess = excess - 2.0 * torch.addcmul(var, mean, mean)
     if bias is not None:
         excess = excess.addcmul_(bias.detach().to(excess.dtype), mean, value=2.0)
     return excess

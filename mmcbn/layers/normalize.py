@@ -37,7 +37,7 @@ class WindowGradTerms:
         kept_share: ``[S, C]`` the share where the entry's variance was not clamped, else 0.
         clamped_mean: ``[S, C]`` ``share * mean_hat`` where it was clamped, else 0.
         mean: ``[S, C]`` the means as recorded (this process's).
-        patch_mean, sqmean_grad: ``[S, groups, K]``, ``[S, C, K]``: the recorded derivatives.
+        patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
     """
     share: Tensor
     kept_share: Tensor

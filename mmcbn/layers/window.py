@@ -15,9 +15,9 @@ class MomentWindow(ScratchTensors):
     never written and for a batch whose statistics were not finite, stored as zeros and never used),
     its number of ``positions`` (kept for synchronised CBN only) and, for compensable entries
     (``compensable_mask`` 1), the derivatives
-    from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored slot-major
-    (``patch_mean`` ``[capacity, groups, K]``, ``sqmean_grad`` ``[capacity, C, K]``): a slot is one
-    contiguous block, and compensating every slot is one pass over them with no gather. The derivative buffers are
+    from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
+    (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
+    compensating every slot is one batched matrix product with no gather. The derivative buffers are
     only allocated for a layer that records a compensable entry.
 
     Everything the arithmetic reads lives on the device and is updated in place with Python scalars
@@ -111,9 +111,10 @@ class MomentWindow(ScratchTensors):
             self.inf = torch.full((), float('inf'), device=device, dtype=dtype)
 
     def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
-        shape = (self.capacity, *sqmean_grad.shape)
+        shape = (sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
         if self.sqmean_grad is None or self.sqmean_grad.shape != shape:
-            self.patch_mean = patch_mean.new_zeros((self.capacity, *patch_mean.shape))
+            self.patch_mean = patch_mean.new_zeros(
+                (patch_mean.shape[0], self.capacity, patch_mean.shape[1]))
             self.sqmean_grad = sqmean_grad.new_zeros(shape)
 
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
@@ -156,8 +157,8 @@ class MomentWindow(ScratchTensors):
                 self._write_derivatives(slot, patch_mean, sqmean_grad, excess, finite)
             else:
                 self._write_derivatives(
-                    slot, merged(self.patch_mean[slot], patch_mean),
-                    merged(self.sqmean_grad[slot], sqmean_grad),
+                    slot, merged(self.patch_mean[:, slot], patch_mean),
+                    merged(self.sqmean_grad[:, slot], sqmean_grad),
                     None if excess is None else merged(self.excess[slot], excess))
         elif first or self.compensable[slot]:
             self.compensable[slot] = False
@@ -181,7 +182,7 @@ class MomentWindow(ScratchTensors):
         self._allocate_derivatives(patch_mean, sqmean_grad)
         if excess is not None and self.excess is None:
             self.excess = torch.zeros_like(self.mean)
-        pairs = [(self.patch_mean[slot], patch_mean), (self.sqmean_grad[slot], sqmean_grad)]
+        pairs = [(self.patch_mean[:, slot], patch_mean), (self.sqmean_grad[:, slot], sqmean_grad)]
         if excess is not None:
             pairs.append((self.excess[slot], excess))
         for stored, new in pairs:
