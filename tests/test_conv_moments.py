@@ -1,10 +1,12 @@
 """Analytic conv-moment derivatives and compensation against float64 autograd."""
+import random
+
 import pytest
 import torch
 from torch import nn
 
-from mmcbn.layers.conv_moments import (ConvGeometry, PositionSample, compensate,
-                                       compensation_backward, identity_excess, moment_derivatives,
+from mmcbn.layers.conv_moments import (ConvGeometry, PositionSample, choose_position_sample,
+                                       compensate, compensation_backward, identity_excess, moment_derivatives,
                                        mixture_moments, output_moments)
 
 CONV_SHAPES = [
@@ -147,12 +149,12 @@ def test_sampled_derivative_averages_to_the_exact_one_over_all_offsets(conv):
     y = conv(x).detach()
     geometry = ConvGeometry.of(conv)
     exact_mean, exact = moment_derivatives(x, y, geometry, conv.weight, conv.bias)
-    stride, batch_stride = 2, 2
+    row_stride, col_stride, batch_stride = 2, 3, 2
     estimates = []
-    for row in range(stride):
-        for col in range(stride):
+    for row in range(row_stride):
+        for col in range(col_stride):
             for image in range(batch_stride):
-                sample = PositionSample(stride, batch_stride, row, col, image)
+                sample = PositionSample(row_stride, col_stride, batch_stride, row, col, image)
                 patch_mean, sqmean_grad = moment_derivatives(x, y, geometry, conv.weight,
                                                              conv.bias, sample)
                 torch.testing.assert_close(patch_mean, exact_mean)  # always exact
@@ -182,3 +184,31 @@ def test_mixture_moments_are_the_moments_of_the_pooled_positions():
     torch.testing.assert_close(batched[0][0], mean, rtol=1e-12, atol=1e-12)
     flipped = (shares.flip(0)[:, None] * means).sum(0)
     torch.testing.assert_close(batched[0][1], flipped, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape, budget', [
+    ((2, 64, 24, 24), 256), ((2, 64, 32, 32), 1024), ((2, 64, 400, 667), 256),
+    ((1, 8, 48, 48), 1000), ((2, 8, 25, 42), 256),
+])
+def test_position_sample_is_a_grid_over_every_image_of_a_batch(shape, budget):
+    """Large maps are strided in space only, in every image (one image of two is a far noisier
+    estimate), and keep between a third of the budget and the budget."""
+    n, _, ho, wo = shape
+    for seed in range(3):
+        sample = choose_position_sample(shape, budget, random.Random(seed))
+        assert sample.batch_stride == 1
+        assert max(sample.row_stride, sample.col_stride) <= min(sample.row_stride,
+                                                                 sample.col_stride) + 1
+        kept = torch.zeros(n, ho, wo)[:, sample.row::sample.row_stride,
+                                      sample.col::sample.col_stride].numel()
+        assert budget / 3 <= kept <= budget * 1.1, kept
+    assert choose_position_sample((2, 8, 16, 16), 512, random.Random(0)) is None  # fits: exact
+    # the same generator state gives the same sample (the layer seeds its own generator)
+    assert choose_position_sample(shape, budget, random.Random(5)) == \
+        choose_position_sample(shape, budget, random.Random(5))
+
+
+def test_position_sample_strides_the_batch_of_small_maps():
+    """RoI features: 7x7 maps, too small for the spatial strides alone."""
+    sample = choose_position_sample((1000, 256, 7, 7), 100, random.Random(0))
+    assert (sample.row_stride, sample.col_stride) == (7, 7) and sample.batch_stride == 10

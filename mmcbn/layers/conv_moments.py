@@ -17,9 +17,10 @@ where the derivatives were taken, an entry recorded at old weights is moved to t
 Both are linear in ``(W_t, b_t)``; :func:`compensation_backward` is their adjoint, which carries a
 gradient through the compensated entries to the current conv parameters.
 """
+import dataclasses
+import functools
 import math
 import random
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -145,11 +146,13 @@ def _output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding)
 
 @dataclass(frozen=True)
 class PositionSample:
-    """A subset of a conv's output positions: every ``stride``-th row and column from
-    ``(row, col)`` in every ``batch_stride``-th image from ``image``. With the offsets drawn
-    uniformly, each position is in the subset with probability ``1 / (stride**2 * batch_stride)``,
-    so a sum over the subset times that many is an unbiased estimate of the sum over all."""
-    stride: int
+    """A subset of a conv's output positions: every ``row_stride``-th row from ``row`` and every
+    ``col_stride``-th column from ``col``, in every ``batch_stride``-th image from ``image``. With
+    the offsets drawn uniformly, each position is in the subset with probability
+    ``1 / inverse_probability``, so a sum over the subset times that is an unbiased estimate of the
+    sum over all."""
+    row_stride: int
+    col_stride: int
     batch_stride: int
     row: int
     col: int
@@ -157,24 +160,44 @@ class PositionSample:
 
     @property
     def inverse_probability(self) -> int:
-        return self.stride * self.stride * self.batch_stride
+        return self.row_stride * self.col_stride * self.batch_stride
+
+
+@functools.lru_cache(maxsize=4096)
+def _sample_strides(num_images: int, rows: int, cols: int,
+                    budget: int) -> Tuple[int, int, int]:
+    """Row, column and batch strides that keep at most about ``budget`` of the positions, as many
+    as possible. Spatial strides first, a square or nearly square grid over every image
+    (neighbouring positions differ less than images do: one image of two is a far noisier estimate
+    than a grid over both, docs/evidence.md); the batch is strided only when the map is too small
+    for the spatial strides alone (RoI features)."""
+    ratio = num_images * rows * cols / budget
+    r = max(1, math.isqrt(int(ratio)))
+    best = None
+    for row_stride, col_stride in ((r, r), (r, r + 1), (r + 1, r), (r + 1, r + 1)):
+        row_stride, col_stride = min(row_stride, rows), min(col_stride, cols)
+        kept = row_stride * col_stride
+        key = (kept < ratio, kept if kept >= ratio else -kept)  # covering, then the most kept
+        if best is None or key < best[0]:
+            best = key, row_stride, col_stride
+    _, row_stride, col_stride = best
+    batch_stride = min(num_images, math.ceil(ratio / (row_stride * col_stride)))
+    return row_stride, col_stride, batch_stride
 
 
 def choose_position_sample(shape: Tuple[int, int, int, int], budget: Optional[int],
                            rng: random.Random) -> Optional[PositionSample]:
-    """A :class:`PositionSample` of about ``budget`` positions of an NCHW output, or None (all
-    positions) when it has no more than that. Spatial strides first, up to the map's size (so small
-    maps such as RoI features are sampled along the batch); offsets from ``rng``."""
+    """A :class:`PositionSample` of at most about ``budget`` positions of an NCHW output, or None
+    (all positions) when it has no more than that; strides from :func:`_sample_strides`, offsets
+    from ``rng``."""
     n, _, ho, wo = shape
     if budget is None or n * ho * wo <= budget:
         return None
-    ratio = n * ho * wo / budget
-    stride = max(1, min(int(math.sqrt(ratio)), ho, wo))
-    batch_stride = max(1, min(n, math.ceil(ratio / stride**2)))
-    if stride == 1 and batch_stride == 1:
+    row_stride, col_stride, batch_stride = _sample_strides(n, ho, wo, budget)
+    if row_stride * col_stride * batch_stride == 1:
         return None
-    return PositionSample(stride, batch_stride, rng.randrange(stride), rng.randrange(stride),
-                          rng.randrange(batch_stride))
+    return PositionSample(row_stride, col_stride, batch_stride, rng.randrange(row_stride),
+                          rng.randrange(col_stride), rng.randrange(batch_stride))
 
 
 def _crop_of_padded(x: Tensor, dim: int, pad: int, start: int,
@@ -188,23 +211,24 @@ def _crop_of_padded(x: Tensor, dim: int, pad: int, start: int,
 
 
 def _sampled_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding,
-                                  sample: PositionSample) -> Tensor:
-    """``sum over the sampled positions of y_c * p``: the same product with stride
-    ``sample.stride * s`` over the crop of the input the sampled patches cover."""
-    r = sample.stride
+                                  sample: PositionSample, scale: float) -> Tensor:
+    """``scale * sum over the sampled positions of y_c * p``: the same product with stride
+    ``(row_stride, col_stride) * s`` over the crop of the input the sampled patches cover (the scale is
+    applied to the sampled outputs, fewer numbers than the result)."""
+    rh, rw = sample.row_stride, sample.col_stride
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     kh, kw = geometry.weight_shape[2:]
-    y = y[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
+    y = y[sample.image::sample.batch_stride, :, sample.row::rh, sample.col::rw] * scale
     rows, cols = y.shape[2:]
     top, left = sample.row * sh, sample.col * sw
     x = x[sample.image::sample.batch_stride]
     x, pad_top, pad_bottom = _crop_of_padded(x, 2, padding[0], top,
-                                             top + (rows - 1) * r * sh + dh * (kh - 1) + 1)
+                                             top + (rows - 1) * rh * sh + dh * (kh - 1) + 1)
     x, pad_left, pad_right = _crop_of_padded(x, 3, padding[1], left,
-                                             left + (cols - 1) * r * sw + dw * (kw - 1) + 1)
+                                             left + (cols - 1) * rw * sw + dw * (kw - 1) + 1)
     if pad_top or pad_bottom or pad_left or pad_right:
         x = F.pad(x, (pad_left, pad_right, pad_top, pad_bottom))
-    strided = dataclasses.replace(geometry, stride=(r * sh, r * sw))
+    strided = dataclasses.replace(geometry, stride=(rh * sh, rw * sw))
     return _output_patch_product(y, x, strided, (0, 0))
 
 
@@ -247,8 +271,8 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     if sample is None:
         sqmean_grad = _output_patch_product(y, x, geometry, padding).mul_(2.0 / num_positions)
     else:
-        sqmean_grad = _sampled_output_patch_product(y, x, geometry, padding, sample).mul_(
-            2.0 * sample.inverse_probability / num_positions)
+        sqmean_grad = _sampled_output_patch_product(
+            y, x, geometry, padding, sample, 2.0 * sample.inverse_probability / num_positions)
     # d mean / d W: the mean patch.
     if pixels is not None:
         patch_mean = pixels.mean((0, 2, 3))
@@ -279,8 +303,8 @@ def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor, bias: Optional[Ten
     num_positions = n * ho * wo
     patch_mean = pixels.mean((0, 2, 3)).unsqueeze(0)  # [1, K]
     if sample is not None:  # the Gram matrix of the sampled positions, scaled to an estimate
-        r = sample.stride
-        pixels = pixels[sample.image::sample.batch_stride, :, sample.row::r, sample.col::r]
+        pixels = pixels[sample.image::sample.batch_stride, :, sample.row::sample.row_stride,
+                        sample.col::sample.col_stride]
     patches = pixels.permute(0, 2, 3, 1).reshape(-1, k)
     scale = (sample.inverse_probability if sample is not None else 1) / num_positions
     gram = patches.t().mm(patches).mul_(scale)
