@@ -46,7 +46,7 @@ def _norm(kind):
         return dict(type='GN', num_groups=32, requires_grad=True)
     window, compensation, *exact = kind
     norm = dict(type='CBN', window_size=window, compensation=compensation, requires_grad=True)
-    if exact:  # the exact d E[y^2]/dW over every output position (the layer samples 1024)
+    if exact:  # the exact d E[y^2]/dW over every output position (the layer samples 512)
         norm['derivative_positions'] = None
     return norm
 

@@ -3,7 +3,7 @@
 Variants, measured side by side (interleaved, median over repeats) on each conv shape:
   BN              conv + nn.BatchNorm2d
   CBN k=2/4/8     conv + CrossIterationBatchNorm2d(window_size=k), full window, the layer's
-                  defaults (d E[y^2]/dW from about 1024 output positions)
+                  defaults (d E[y^2]/dW from at most about 512 output positions)
   CBN k=4 exact   derivative_positions=None: the exact derivative, every output position
   CBN k=4 stop-grad  window_grad=False: no gradient through the entries (the paper's backward)
   CBN k=4 plain stats  compensate_running_stats=False: BN's running statistics (no EMA of the
