@@ -1,7 +1,8 @@
 # Mask R-CNN R-50-FPN 1x on COCO 2017 with Cross-Iteration BN, at 2 images per GPU (8 GPUs x 2).
 # CBN in the backbone (norm_eval=False), the FPN and 4-conv RoI heads, as mmdet's GN configs place
 # their norm layers; a window of 8 iterations (8 x 2 = 16 images per GPU, the paper's rule of thumb)
-# after 3 epochs of plain BN (the paper's COCO burn-in).
+# after 3 epochs of plain BN (the paper's COCO burn-in). On the demo detector, window 8 with the
+# gradient through the entries needs the burn-in to be level with window 4 (docs/evidence.md).
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 custom_imports = dict(imports=['mmcbn'], allow_failed_imports=False)
 
