@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from mmcbn.layers.conv_moments import (ConvGeometry, PositionSample, choose_position_sample,
-                                       compensate, compensation_backward, identity_excess, moment_derivatives,
-                                       mixture_moments, output_moments)
+                                       compensate, compensation_backward, identity_excess,
+                                       mixture_moments, moment_derivatives, output_moments)
 
 CONV_SHAPES = [
     # in, out, kernel, stride, padding, dilation, groups, bias, padding_mode

@@ -162,6 +162,11 @@ class PositionSample:
     def inverse_probability(self) -> int:
         return self.row_stride * self.col_stride * self.batch_stride
 
+    def take(self, t: Tensor) -> Tensor:
+        """The sampled positions of an NCHW tensor laid out on the output's grid (a view)."""
+        return t[self.image::self.batch_stride, :, self.row::self.row_stride,
+                 self.col::self.col_stride]
+
 
 @functools.lru_cache(maxsize=4096)
 def _sample_strides(num_images: int, rows: int, cols: int,
@@ -213,12 +218,12 @@ def _crop_of_padded(x: Tensor, dim: int, pad: int, start: int,
 def _sampled_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding,
                                   sample: PositionSample, scale: float) -> Tensor:
     """``scale * sum over the sampled positions of y_c * p``: the same product with stride
-    ``(row_stride, col_stride) * s`` over the crop of the input the sampled patches cover (the scale is
-    applied to the sampled outputs, fewer numbers than the result)."""
+    ``(row_stride, col_stride) * s`` over the crop of the input the sampled patches cover (the
+    scale is applied to the sampled outputs, fewer numbers than the result)."""
     rh, rw = sample.row_stride, sample.col_stride
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     kh, kw = geometry.weight_shape[2:]
-    y = y[sample.image::sample.batch_stride, :, sample.row::rh, sample.col::rw] * scale
+    y = sample.take(y) * scale
     rows, cols = y.shape[2:]
     top, left = sample.row * sh, sample.col * sw
     x = x[sample.image::sample.batch_stride]
@@ -242,9 +247,9 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
         x: the conv's input, NCHW (any float dtype; computed in float32 or wider).
         y: the conv's output for ``x`` (with its bias, if any).
         geometry: the conv's geometry.
-        weight, bias: the conv's parameters that gave ``y``. Optional; with them a 1x1 conv that
-            widens the channels (ungrouped, unpadded, float32/64 output) takes the cheaper route
-            through the input's Gram matrix (the result is the same).
+        weight, bias: the conv's parameters that gave ``y``. Optional; with them an ungrouped,
+            unpadded 1x1 conv (float32/64 output) takes the route through the input's Gram matrix
+            where it costs fewer multiply-adds (:func:`_gram_is_cheaper`; the result is the same).
         sample: estimate ``sqmean_grad`` from these output positions only (unbiased; the patch
             mean stays exact). None: every position.
 
@@ -303,8 +308,7 @@ def _widening_1x1_derivatives(pixels: Tensor, weight: Tensor, bias: Optional[Ten
     num_positions = n * ho * wo
     patch_mean = pixels.mean((0, 2, 3)).unsqueeze(0)  # [1, K]
     if sample is not None:  # the Gram matrix of the sampled positions, scaled to an estimate
-        pixels = pixels[sample.image::sample.batch_stride, :, sample.row::sample.row_stride,
-                        sample.col::sample.col_stride]
+        pixels = sample.take(pixels)
     patches = pixels.permute(0, 2, 3, 1).reshape(-1, k)
     scale = (sample.inverse_probability if sample is not None else 1) / num_positions
     gram = patches.t().mm(patches).mul_(scale)
