@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .conv_moments import channel_dots
 from .iteration_state import BatchStatistics, IterationState
 from .scratch_tensors import ScratchTensors
 
@@ -131,7 +132,7 @@ class RunningDrift(ScratchTensors):
         torch.baddbmm(sqmean_grad.reshape(groups, per_group, k), mean.view(groups, per_group, 1),
                       patch_mean.unsqueeze(1), beta=unbiased, alpha=-2.0 * unbiased,
                       out=var_grad.view(groups, per_group, k))
-        torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2), out=var_at_own.view(channels, 1, 1))
+        channel_dots(var_grad.unsqueeze(1), w, out=var_at_own)
         new_patch_mean.copy_(patch_mean)
         bias_weight.fill_(1.0)
         # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
@@ -167,7 +168,7 @@ class RunningDrift(ScratchTensors):
         self._mean_term(patch_mean, w, out=d_mean)
         if bias is not None:
             d_mean.addcmul_(bias.detach().to(w.dtype), bias_weight)
-        torch.bmm(var_grad.unsqueeze(1), w.unsqueeze(2), out=d_var.view(channels, 1, 1))
+        channel_dots(var_grad.unsqueeze(1), w, out=d_var)
         at_own = self.state[-2 * channels:]  # mean_at_own and var_at_own, adjacent
         delta.sub_(at_own)
         at_own.add_(delta)
