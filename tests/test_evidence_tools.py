@@ -184,6 +184,14 @@ def test_benchmark_tool_prints_ratios_and_window_state():
     assert float(cbn.group(5)) > 0
 
 
+def test_benchmark_ratio_pairs_each_round_with_bn_in_that_round():
+    """A machine whose speed halves between rounds, and one round in which only the variant hit a
+    slow spell: 1.2x in every other round is what the ratio says (the ratio of the medians says
+    2.0x here)."""
+    times = dict(BN=[1.0, 2.0, 1.0, 2.0, 1.0], CBN=[1.2, 2.4, 1.2, 2.4, 2.0])
+    assert load_tool('benchmark').paired_ratio(times, 'CBN', 'BN') == pytest.approx(1.2)
+
+
 def test_deployment_fold_equals_cbn_eval():
     """The benchmark's deployed model: CBN -> BN -> folded into the conv gives CBN's eval output."""
     from mmcv.cnn import fuse_conv_bn

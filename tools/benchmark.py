@@ -5,8 +5,8 @@ Every variant has the same architecture (that of configs/cbn_*.py: norm layers i
 FPN and 4-conv RoI heads, as mmdet's GN configs place them) and differs only in the norm layer.
 Training steps (forward, backward, SGD step, on synthetic images with boxes and masks) are timed in
 interleaved rounds, each variant once per round, so machine noise hits all variants alike; the
-table shows the median and the ratio to BN measured in the same run. CBN layers run with their full
-window (the window is filled during the warm-up steps). Inference (eval mode, one image) is timed
+table shows the median step and the ratio to BN, the median over rounds of the ratio within a
+round. CBN layers run with their full window (the window is filled during the warm-up steps). Inference (eval mode, one image) is timed
 for BN, GN, CBN, and CBN converted to BN with the norm folded into the conv (deployment).
 
 Peak memory (``--memory``): each variant trains in a fresh subprocess; reported is the peak RSS
@@ -134,7 +134,7 @@ def _rss_bytes():
 
 
 def interleaved(fns, warmup, repeats):
-    """Median seconds of each callable, timed round-robin."""
+    """Seconds of each callable in every round, timed round-robin: ``{name: [seconds]}``."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -144,7 +144,13 @@ def interleaved(fns, warmup, repeats):
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratio(times, name, base):
+    """The median over rounds of ``name``'s time over ``base``'s in the same round (the machine's
+    drift between rounds, up to 2x on a shared VM, cancels in each ratio)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))
 
 
 def train_times(model_name, batch_size, args):
@@ -250,7 +256,8 @@ def main():
     device_name = torch.cuda.get_device_name() if args.device.startswith('cuda') else \
         f'CPU, {torch.get_num_threads()} threads'
     print(f'# {device_name}; images {args.size}x{args.size}; median of {args.repeats} '
-          f'interleaved rounds; torch {torch.__version__}')
+          f'interleaved rounds (vs BN: the median of the per-round ratios); '
+          f'torch {torch.__version__}')
     for model_name in args.models:
         for batch_size in args.batches:
             times, scratch = train_times(model_name, batch_size, args)
@@ -263,7 +270,8 @@ def main():
             print('|---|---:|---:|' + ('---:|---:|---:|' if mem else '---:|'))
             for v in args.variants:
                 base = BASELINE[v]
-                row = f'| {v} | {times[v]:.3f} | {times[v] / times[base]:.2f}x |'
+                row = (f'| {v} | {statistics.median(times[v]):.3f} | '
+                       f'{paired_ratio(times, v, base):.2f}x |')
                 if mem:
                     row += (f' {mem[v]["peak"] / 2**20:.0f} | '
                             f'{mem[v]["peak"] / mem[base]["peak"]:.2f}x |')
@@ -274,7 +282,8 @@ def main():
             print(f'\n## {model_name}: inference, 1 image, eval mode\n')
             print('| variant | time (s) | vs BN |\n|---|---:|---:|')
             for v, t in inf.items():
-                print(f'| {v} | {t:.3f} | {t / inf["BN"]:.2f}x |', flush=True)
+                print(f'| {v} | {statistics.median(t):.3f} | {paired_ratio(inf, v, "BN"):.2f}x |',
+                      flush=True)
 
 
 if __name__ == '__main__':

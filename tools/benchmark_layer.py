@@ -14,9 +14,10 @@ Variants, measured side by side (interleaved, median over repeats) on each conv 
 
 Each step runs forward, backward and an SGD update (so the weights move and compensation is real;
 the update includes CBN's move of the running statistics to the new weights); the time of the
-whole step is reported as a ratio to BN. On CUDA, ``--sync-debug`` runs every step under
-``torch.cuda.set_sync_debug_mode('warn')`` and reports the host syncs each variant made. Window memory is in floats and as a
-multiple of k * |W| (CBN keeps k slots: the k - 1 entries in use and the iteration's own).
+whole step is reported as the median over rounds of its ratio to BN's step in the same round. On
+CUDA, ``--sync-debug`` runs every step under ``torch.cuda.set_sync_debug_mode('warn')`` and
+reports the host syncs each variant made. Window memory is in floats and as a multiple of k * |W|
+(CBN keeps k slots: the k - 1 entries in use and the iteration's own).
 
 Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15] [--sync-debug]
 """
@@ -149,17 +150,19 @@ def run(args):
                 x.grad = None
                 if rep >= args.warmup:
                     times[n].append(elapsed)
-        bn_time = statistics.median(times['BN'])
         weight_floats = variants['BN'][0].weight.numel()
         for n in names:
             med = statistics.median(times[n])
             floats = variants[n][4]()
             k = int(n.split('=')[1].split()[0]) if '=' in n else 1
-            rows.append((shape_name, n, med * 1e3, med / bn_time, floats,
+            # the median of per-round ratios: the machine's drift between rounds cancels
+            ratio = statistics.median(t / b for t, b in zip(times[n], times['BN']))
+            rows.append((shape_name, n, med * 1e3, ratio, floats,
                          floats / (k * weight_floats) if k > 1 else 0.0, syncs[n]))
     print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
           f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
-          f'batch {args.batch}, median of {args.repeats}')
+          f'batch {args.batch}, median of {args.repeats} interleaved rounds (x BN: the median of '
+          f'the per-round ratios)')
     sync_column = args.sync_debug and device.type == 'cuda'
     print('| conv | variant | step ms | x BN | window floats | / (k |W|) |' +
           (' host syncs |' if sync_column else ''))
