@@ -38,6 +38,9 @@ SHAPES = {
     '1x1 256->1024 @32': (256, 1024, 1, 1, 0, 32),
     '3x3 256->256 @32': (256, 256, 3, 1, 1, 32),
     'stem 7x7 3->64 /2 @256': (3, 64, 7, 2, 3, 256),
+    # almost no arithmetic: the step time is the cost per op (dispatch, and on a GPU the launch)
+    # and the layer's Python, a fixed cost per layer and step whatever the conv
+    'tiny 3x3 16->32 @12': (16, 32, 3, 1, 1, 12),
 }
 
 
