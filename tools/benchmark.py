@@ -6,8 +6,9 @@ FPN and 4-conv RoI heads, as mmdet's GN configs place them) and differs only in 
 Training steps (forward, backward, SGD step, on synthetic images with boxes and masks) are timed in
 interleaved rounds, each variant once per round, so machine noise hits all variants alike; the
 table shows the median step and the ratio to BN, the median over rounds of the ratio within a
-round. CBN layers run with their full window (the window is filled during the warm-up steps). Inference (eval mode, one image) is timed
-for BN, GN, CBN, and CBN converted to BN with the norm folded into the conv (deployment).
+round. CBN layers run with their full window (the window is filled during the warm-up steps).
+Inference (eval mode, one image) is timed for BN, GN, CBN, and CBN converted to BN with the norm
+folded into the conv (deployment).
 
 Peak memory (``--memory``): each variant trains in a fresh subprocess; reported is the peak RSS
 reached during the training steps (sampled every 2 ms) above the RSS after building the model

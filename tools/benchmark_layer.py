@@ -32,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from benchmark import paired_ratio
 from mmcbn import CrossIterationBatchNorm2d
 
 SHAPES = {
@@ -161,9 +162,7 @@ def run(args):
             med = statistics.median(times[n])
             floats = variants[n][4]()
             k = int(n.split('=')[1].split()[0]) if '=' in n else 1
-            # the median of per-round ratios: the machine's drift between rounds cancels
-            ratio = statistics.median(t / b for t, b in zip(times[n], times['BN']))
-            rows.append((shape_name, n, med * 1e3, ratio, floats,
+            rows.append((shape_name, n, med * 1e3, paired_ratio(times, n, 'BN'), floats,
                          floats / (k * weight_floats) if k > 1 else 0.0, syncs[n]))
     print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
           f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
