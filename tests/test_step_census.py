@@ -117,13 +117,14 @@ def _cbn(**kwargs):
 # statistics 5, their compensation 7, BN's backward with the batch's share 6, the gradient through
 # the entries 9 (+1 to accumulate it into the conv's gradient), conv forward/backward 2, loss 4.
 OP_CEILINGS = {'default': 71, 'stop_grad': 57, 'naive': 39, 'plain_running_stats': 64,
-               'sampled': 78}
+               'sampled': 78, 'cumulative': 75}
 
 
 @pytest.mark.parametrize('name, kwargs', [
     ('default', dict()), ('stop_grad', dict(window_grad=False)),
     ('naive', dict(compensation=False)), ('plain_running_stats', dict(compensate_running_stats=False)),
     ('sampled', dict(derivative_positions=64)),
+    ('cumulative', dict(momentum=None)),  # BN's cumulative average: 1 / count on the device
 ])
 def test_steady_step_has_no_stalls_and_a_bounded_op_count(name, kwargs):
     torch.manual_seed(0)

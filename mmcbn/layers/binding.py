@@ -169,6 +169,20 @@ class GraphBinding:
     nothing_to_compensate: bool = False
 
 
+def graph_input_unsupported() -> Optional[str]:
+    """None if this torch lets a layer read a conv's input off the autograd graph safely, else why
+    not. Reading a saved input is safe only when no saved-tensor hook is active (under
+    non-reentrant checkpointing the read would recompute the region), and only torch's
+    ``_top_saved_tensors_default_hooks`` (torch >= 2.2) tells; without it a layer bound from the
+    graph could never record derivatives."""
+    if hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'):
+        return None
+    return (f'torch {torch.__version__} cannot tell whether reading a conv\'s input off the '
+            'autograd graph is safe (no torch._C._autograd._top_saved_tensors_default_hooks, '
+            'added in torch 2.2), so the conv cannot be bound from the graph; bind it '
+            'structurally (convert_bn_to_cbn, bind_cbn_layers, CBNHook) or with layer.bind(conv)')
+
+
 def binding_from_graph(output: Tensor) -> GraphBinding:
     """Binds to the conv whose output ``output`` is, read off the autograd graph."""
     fn = output.grad_fn
@@ -191,6 +205,9 @@ def binding_from_graph(output: Tensor) -> GraphBinding:
     if has_bias and bias is None:
         return GraphBinding(reason='the conv before it has a bias that is not a trainable leaf '
                             'parameter')
+    unsupported = graph_input_unsupported()
+    if unsupported is not None:
+        return GraphBinding(reason=unsupported)
     geometry = ConvGeometry(tuple(weight.shape), tuple(fn._saved_stride), tuple(fn._saved_padding),
                             tuple(fn._saved_dilation), fn._saved_groups)
     return GraphBinding(ConvBinding(weight, bias, geometry,
@@ -205,8 +222,8 @@ def conv_input_from_graph(output: Tensor, binding: ConvBinding) -> Optional[Tens
         return None
     # Under non-reentrant checkpointing the saved input is packed by a hook: unpacking it here would
     # recompute the region. The entry's derivatives then come from the recomputation.
-    top_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
-    if top_hooks is None or top_hooks(False) is not None:
+    if graph_input_unsupported() is not None or \
+            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
         return None
     return fn._saved_input
 

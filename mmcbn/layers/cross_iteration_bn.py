@@ -16,7 +16,8 @@ from .iteration_state import (BatchStatistics, IterationState, batch_statistics,
                               start_iteration, window_average)
 from .normalize import NormalizeWithWindow
 from .running_stats import CompensatedRunningStats, RunningDrift
-from ..utils.validation import check_bool, check_choice, check_int, check_number
+from ..utils.validation import (check_bool, check_choice, check_int, check_number,
+                                check_process_group)
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -109,6 +110,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
                             ('compensate_running_stats', compensate_running_stats)):
             check_bool(name, value, allow_none=name == 'compensate_running_stats')
         check_int('window_size', window_size, 1)
+        check_process_group('process_group', process_group)
         check_int('derivative_positions', derivative_positions, 1, allow_none=True)
         check_choice('running_stats_source', running_stats_source, RUNNING_STATS_SOURCES)
         if compensate_running_stats is None:  # naive CBN (the ablation) computes no derivatives

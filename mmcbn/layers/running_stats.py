@@ -35,7 +35,7 @@ from .scratch_tensors import ScratchTensors
 
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
-                         num_positions, factor: float, finite: Tensor) -> None:
+                         num_positions, factor, finite: Tensor) -> None:
     """BN's update: ``running_* += factor * (batch - running_*)``, the variance unbiased with the
     ``num_positions`` (an int or a tensor) it was taken over; a non-finite batch (``finite``
     False) leaves both as they are. No host sync."""
@@ -44,9 +44,12 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
         unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
     else:
         unbiased = var * (n / (n - 1) if n > 1 else 1.0)
-    torch._foreach_lerp_([running_mean, running_var],
-                         [torch.where(finite, mean, running_mean),
-                          torch.where(finite, unbiased, running_var)], factor)
+    targets = [torch.where(finite, mean, running_mean), torch.where(finite, unbiased, running_var)]
+    if isinstance(factor, Tensor):  # a cumulative average's 1 / count, kept on the device
+        running_mean.lerp_(targets[0], factor)
+        running_var.lerp_(targets[1], factor)
+    else:
+        torch._foreach_lerp_([running_mean, running_var], targets, factor)
 
 
 class RunningDrift(ScratchTensors):
@@ -104,14 +107,15 @@ class RunningDrift(ScratchTensors):
 
     @torch.no_grad()
     def update(self, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
-               bias: Optional[Tensor], num_positions: int, factor: float, finite: Tensor) -> None:
+               bias: Optional[Tensor], num_positions: int, factor, finite: Tensor) -> None:
         """Adds one batch with the EMA factor the running statistics used for it.
 
         Args:
             patch_mean, sqmean_grad: the batch's derivatives (``moment_derivatives``), taken at
                 ``weight``/``bias``, the conv's parameters in this forward.
             num_positions: positions the batch's variance was taken over (for ``n / (n - 1)``).
-            factor: the weight of the new batch (``momentum``, or ``1 / n`` for a cumulative mean).
+            factor: the weight of the new batch (``momentum``, or ``1 / n`` for a cumulative mean,
+                a tensor).
             finite: a bool tensor; False leaves everything as it is (as for the running stats).
         """
         dtype = sqmean_grad.dtype
@@ -136,6 +140,8 @@ class RunningDrift(ScratchTensors):
         new_patch_mean.copy_(patch_mean)
         bias_weight.fill_(1.0)
         # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
+        if isinstance(factor, Tensor):
+            factor = factor.to(dtype)
         self.state.lerp_(torch.where(finite, new, self.state, out=new), factor)
         self.versions = _versions(weight, bias)  # a batch at the current weights adds no drift
 
@@ -248,9 +254,10 @@ class CompensatedRunningStats:
         """BN's update from this call (from the window's estimate with
         ``running_stats_source='window'``), and the tracked derivatives' with it."""
         self.num_batches_tracked.add_(1)
-        # with momentum=None (a cumulative average) this reads the counter, as torch's BN does
+        # with momentum=None (a cumulative average) the factor stays on the device: torch's BN
+        # reads the counter back to the host here, a stall per layer and step on a GPU
         factor = self.momentum if self.momentum is not None else \
-            1.0 / float(self.num_batches_tracked)
+            self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
         positions = batch.total if batch.total is not None else batch.num_positions
         if self.running_stats_source == 'window':
             k = 1.0 if state is None or state.mean is None else state.num_entries
