@@ -15,7 +15,7 @@ through anything after the conv (an activation, a pooling) cannot. Outcomes are 
 """
 import re
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, List, Optional, Set, Tuple
 
 import torch
@@ -49,7 +49,6 @@ class ConvBinding:
     geometry: ConvGeometry
     name: str = ''
     module: Optional[nn.Conv2d] = None
-    hook: Optional[torch.utils.hooks.RemovableHandle] = field(default=None, repr=False)
 
     @property
     def trainable(self) -> bool:
@@ -250,6 +249,9 @@ class ProducerLink:
 
     def __init__(self) -> None:
         self._bindings: List[ConvBinding] = []  # at most one; a list keeps it out of nn.Module's tree
+        # the capture hook's handle, apart from the binding: torch.compile traces the binding
+        # (its parameters) but cannot represent a hook handle
+        self._hook: Optional[torch.utils.hooks.RemovableHandle] = None
         #: why the layer cannot be compensated, once known; None if bound or not yet tried
         self.unbound_reason: Optional[str] = None
         self.captured: Optional[Tuple[Tensor, 'weakref.ref[Tensor]']] = None
@@ -263,13 +265,13 @@ class ProducerLink:
         raises TypeError if it cannot be compensated."""
         binding = binding_for(conv, name)
         self.unbind()
-        binding.hook = conv.register_forward_hook(capture)
+        self._hook = conv.register_forward_hook(capture)
         self._bindings.append(binding)
 
     def unbind(self, reason: Optional[str] = None) -> None:
-        for binding in self._bindings:
-            if binding.hook is not None:
-                binding.hook.remove()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
         self._bindings.clear()
         self.captured = None
         self.unbound_reason = reason

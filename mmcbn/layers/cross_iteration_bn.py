@@ -15,7 +15,7 @@ from .distributed import is_distributed
 from .iteration_state import (BatchStatistics, IterationState, batch_statistics, describe_window,
                               start_iteration, window_average)
 from .normalize import NormalizeWithWindow
-from .running_stats import CompensatedRunningStats, RunningDrift
+from .running_stats import CompensatedRunningStats, RunningDrift, follow_optimizer_steps
 from ..utils.validation import (check_bool, check_choice, check_int, check_number,
                                 check_process_group)
 from .window import MomentWindow
@@ -131,8 +131,9 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         self._position_rng: Optional[random.Random] = None
         self._drift = RunningDrift()
         self._effective_window = window_size
-        #: The current training iteration, set by ``CBNHook``; None: each call is an iteration.
-        self.iteration: Optional[int] = None
+        self._iteration: Optional[int] = None
+        self._counts_iterations = False
+        self._new_iteration = True  # the next training call starts an iteration
         #: The layer's name in its model, for logs and warnings (set by the binders).
         self.layer_name: str = ''
         # one slot more than the entries in use: this iteration's record never overwrites an entry
@@ -159,6 +160,23 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         self._effective_window = value
 
     @property
+    def iteration(self) -> Optional[int]:
+        """The current training iteration, set by ``CBNHook`` (or by a training loop) before each
+        step; None: each training call is an iteration. Setting a new value is what starts an
+        iteration, on the host and outside the forward, so that a compiled forward never sees a
+        number that changes every step."""
+        return self._iteration
+
+    @iteration.setter
+    def iteration(self, value: Optional[int]) -> None:
+        if value != self._iteration:
+            self._new_iteration = True
+        self._iteration = value
+        # what the forward reads: a flag, the same at every step (a compiled forward is guarded
+        # on each Python value it reads; an iteration number would recompile it every step)
+        self._counts_iterations = value is not None
+
+    @property
     def binding(self) -> Optional[ConvBinding]:
         """The conv this layer is compensated against, or None."""
         return self._link.binding
@@ -177,6 +195,8 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         """
         self._link.bind(conv, name, self._capture_conv_io)
         self._drift.clear()
+        if self._tracks_drift():
+            follow_optimizer_steps(self)
 
     def unbind(self, reason: Optional[str] = None) -> None:
         """Removes the binding; ``reason`` marks the layer as not compensable (with a warning)."""
@@ -271,8 +291,8 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if self.training:
-            self._export()  # the weights changed without an optimizer step
+        if self.training and not torch.compiler.is_compiling():
+            self._export()  # the weights changed without an optimizer step (version counters)
         # a window of 1 (burn-in) takes the same path, so that a non-finite batch enters neither
         # the running statistics nor their compensation there either
         if self.training and (self._effective_window > 1 or self._sync_now() or
@@ -285,7 +305,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         """One training call: the batch's statistics, this iteration's window at the current
         weights (once per iteration), the normalisation, the record of the batch's entry and the
         running statistics' update."""
-        if self.iteration is None and self._effective_window > 1:
+        if not self._counts_iterations and self._effective_window > 1:
             _warn_no_iteration_source()
         tracks_drift = self._tracks_drift()
         compensable, conv_input = self._link.resolve(input, self.compensation or tracks_drift,
@@ -314,8 +334,8 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         derivable = compensable and conv_input is not None and self.binding.trainable
         window = self._window
         if recompute:  # gradient checkpointing: the entry is recorded, its derivatives may not be
-            if compensate_now and derivable and window.pending is not None and \
-                    not window.compensable[window.pending]:
+            if compensate_now and derivable and window.pending and \
+                    not window.pending_compensable:
                 window.fill_derivatives(self._derivatives(conv_input, input, batch), batch.finite)
             return out
         record = state is not None and window.capacity > 0
@@ -325,7 +345,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
             derivatives = self._derivatives(conv_input, input,
                                             batch if record and compensate_now else None)
         if record:
-            if window.pending is None:
+            if not window.pending:
                 window.open_pending()
             window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
                           derivatives if compensate_now else None, count_positions=self.sync)
@@ -339,20 +359,26 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         this call recomputes an earlier one (gradient checkpointing)."""
         if self._effective_window == 1:
             return None, False
-        state, version = self._state, self._weight_version()
-        same_iteration = state is not None and state.continues(self.iteration, version)
+        state = self._state
+        compiling = torch.compiler.is_compiling()
         # a call from inside a backward pass is a gradient checkpoint's recomputation of a call
-        # this iteration already made (known on the host: comparing statistics would sync)
-        if same_iteration and torch._C._current_graph_task_id() != -1:
+        # this iteration already made (known on the host: comparing statistics would sync);
+        # without `iteration`, unless the conv's weight changed in place since
+        if state is not None and not self._new_iteration and not compiling and \
+                torch._C._current_graph_task_id() != -1 and (
+                    self._counts_iterations or
+                    state.weight_version in (None, self._weight_version())):
             return state, True
-        if self.iteration is None or not same_iteration:
+        if state is None or self._new_iteration or not self._counts_iterations:
             window = self._window
             window.commit_pending()
             state = self._state = start_iteration(
-                window, window.recent(self._effective_window - 1), self.iteration,
+                window, window.recent(self._effective_window - 1),
                 self.binding if compensate_now else None, self.window_grad,
                 self.process_group if sync else None, sync)
-            state.weight_version = version
+            if not compiling:
+                state.weight_version = self._weight_version()
+            self._new_iteration = False
         return state, False
 
     def _derivatives(self, conv_input: Tensor, output: Tensor,

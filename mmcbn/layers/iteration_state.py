@@ -46,9 +46,9 @@ def batch_statistics(input: Tensor, process_group, sync: bool) -> BatchStatistic
     if sync:
         pooled_mean, pooled_var, total = pool_moments(
             mean, var, torch.full_like(mean[0], num_positions), process_group)
-    # a non-finite value anywhere makes the variance non-finite (inf - inf, or an overflow);
-    # x * 0 == 0 holds for finite x only
-    finite = pooled_var.sum().mul_(0.0).eq(0.0)
+    # a non-finite value anywhere makes the variance NaN (inf - inf) or +inf (an overflow); a
+    # variance is never negative, so `< inf` is False exactly for those
+    finite = pooled_var.sum().lt(float('inf'))
     return BatchStatistics(mean, var, num_positions, finite, pooled_mean, pooled_var, total)
 
 
@@ -56,24 +56,16 @@ def batch_statistics(input: Tensor, process_group, sync: bool) -> BatchStatistic
 class IterationState:
     """What a layer computes once per iteration: its window at the current weights, in slot order
     (``S`` slots; a slot that is not used has weight 0)."""
-    iteration: Optional[int]
-    slots: List[int]  # the used entries' slots, newest first (host bookkeeping, for window_stats)
+    num_used: int = 0  # entries used (host bookkeeping, for window_stats)
     mean: Optional[Tensor] = None  # [S, C] each slot's entry, compensated (None: no entries)
     var: Optional[Tensor] = None  # [S, C], clamped at 0
     weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
     num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
     grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
-    weight_version: Optional[int] = None  # the bound conv weight's version counter
-
-    def continues(self, iteration: Optional[int], weight_version: Optional[int]) -> bool:
-        """Whether a call belongs to this iteration: the same :attr:`iteration`, or without one,
-        no in-place update of the bound conv's weight since (its version counter)."""
-        if iteration is not None:
-            return self.iteration == iteration
-        return self.weight_version in (None, weight_version)
+    weight_version: Optional[int] = None  # the bound conv weight's version counter (eager only)
 
 
-def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[int],
+def start_iteration(window: MomentWindow, compensable: List[bool],
                     binding: Optional[ConvBinding], window_grad: bool, process_group,
                     sync: bool) -> IterationState:
     """The window's entries at the current weights, in slot order, for every call this iteration:
@@ -81,26 +73,25 @@ def start_iteration(window: MomentWindow, slots: List[int], iteration: Optional[
 
     Args:
         window: the layer's window, its pending entry already committed.
-        slots: the slots of the entries to use, newest first.
-        iteration: the iteration this state is for.
+        compensable: whether each entry to use is compensable, newest first.
         binding: the conv to compensate against; None: the entries as recorded.
         window_grad: prepare the gradient through the compensated entries.
         process_group, sync: pool every entry over the processes (synchronised CBN).
     """
-    state = IterationState(iteration, slots)
-    if not slots:
+    state = IterationState(len(compensable))
+    if not compensable:
         return state
-    weights = window.in_window(len(slots))  # [1 + S]: the current batch, then each slot
+    weights = window.in_window(len(compensable))  # [1 + S]: the current batch, then each slot
     use = weights[1:]
     mean, var = window.mean, window.var
     share = None
-    compensated = [window.compensable[s] for s in slots]
-    if binding is not None and any(compensated):
+    if binding is not None and any(compensable):
         with torch.no_grad():  # every slot at once: one batched product, no gather
             mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
                                            window.sqmean_grad, binding.weight, binding.bias,
-                                           clamp=False, excess=window.excess)
-        if all(compensated):
+                                           clamp=False, excess=window.excess,
+                                           sqmean=window.sqmean)
+        if all(compensable):
             mean, var, share = mean_hat, var_hat, use
         else:
             use_hat = window.compensable_mask[:, None] > 0
@@ -136,13 +127,13 @@ def window_average(state: IterationState, mean: Tensor,
 def describe_window(state: Optional[IterationState], window: MomentWindow,
                     num_features: int) -> Dict[str, Tensor]:
     """The window as ``state`` used it, detached, newest entry first (diagnostics: reads the
-    host's slot list)."""
-    if state is None or state.mean is None or not state.slots:
+    window's cursor)."""
+    if state is None or state.mean is None or not state.num_used:
         empty = torch.zeros(0, num_features)
         return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty, valid=torch.zeros(0),
                     age=torch.zeros(0, dtype=torch.long))
-    idx = torch.tensor(state.slots, device=state.mean.device)
+    idx = window.recent_slots(state.num_used)
     return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
                 raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
                 valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
-                age=torch.arange(1, len(state.slots) + 1))
+                age=torch.arange(1, state.num_used + 1))

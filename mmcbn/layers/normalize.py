@@ -87,13 +87,18 @@ class NormalizeWithWindow(torch.autograd.Function):
         ctx.conv_weight_shape = None if conv_weight is None else conv_weight.shape
         ctx.conv_dtypes = (None if conv_weight is None else conv_weight.dtype,
                            None if conv_bias is None else conv_bias.dtype)
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count)
+        # the window's derivatives stay on ctx.terms, unsaved: the pending entry is recorded into
+        # the same ring tensors later in this forward (another slot), which a saved tensor's
+        # version check would flag. The entries' shares are saved: the window rewrites them in
+        # place when the next iteration starts, so a backward that comes after that fails loudly.
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count,
+                              None if terms is None else terms.share)
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd, inv_k, sync_count = ctx.saved_tensors
+        x, weight, mean, invstd, inv_k, sync_count, share = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         need_x = ctx.needs_input_grad[0]
         need_w = weight is not None and ctx.needs_input_grad[1]
@@ -145,20 +150,20 @@ class NormalizeWithWindow(torch.autograd.Function):
         grad_conv_weight = grad_conv_bias = None
         if need_conv:
             with torch.autocast(x.device.type, enabled=False):
-                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums,
+                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, share, sums,
                                                                       batch_scale, invstd, mean)
         return (grad_x, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias, None, None, None,
                 None, None, None, None)
 
 
-def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, t: Tensor, invstd: Tensor,
-                       mean: Tensor):
+def _window_conv_grads(ctx, terms: WindowGradTerms, share: Tensor, sums: Tensor, t: Tensor,
+                       invstd: Tensor, mean: Tensor):
     """The conv's weight and bias gradients through the compensated entries (see
     :class:`WindowGradTerms`); ``sums`` holds ``sum(dy)`` and ``sum(dy * xhat)``, ``t`` is
     ``weight * invstd / k``."""
     u = t * invstd * sums[1]  # -2 b / k
     neg_base = torch.addcmul(t * sums[0], u, mean, value=-1.0)  # -(a - 2 b mean) / k
-    neg_grad_mean = torch.addcmul(terms.share * neg_base, terms.clamped_mean, u)
+    neg_grad_mean = torch.addcmul(share * neg_base, terms.clamped_mean, u)
     kept_u = terms.kept_share * u  # -2 d sqmean_hat
     weight_dtype, bias_dtype = ctx.conv_dtypes
     grad_w, grad_b = compensation_backward(neg_grad_mean, kept_u, terms.mean, terms.patch_mean,

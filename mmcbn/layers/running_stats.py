@@ -270,8 +270,8 @@ class CompensatedRunningStats:
             binding = self.binding
             self._drift.update(derivatives[0], derivatives[1], binding.weight, binding.bias,
                                batch.num_positions, factor, batch.finite)
-            # every call, not once: a copied or unpickled layer must join too
-            follow_optimizer_steps(self)
+            if not torch.compiler.is_compiling():  # bind() registers; a copied layer joins here
+                follow_optimizer_steps(self)
 
     def _tracks_drift(self) -> bool:
         return self.compensate_running_stats and self.running_mean is not None

@@ -18,23 +18,29 @@ class MomentWindow(ScratchTensors):
     from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
     (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
     compensating every slot is one batched matrix product with no gather. The derivative buffers are
-    only allocated for a layer that records a compensable entry.
+    only allocated for a layer that records a compensable entry. ``mean``, ``var`` and ``age`` are
+    views of one ``stats`` tensor (``[capacity, 3C + 1]``, the second moment ``sqmean`` too), ``patch_mean`` and ``sqmean_grad`` of
+    one ``derivatives`` tensor (``[groups + C, capacity, K]``): an entry is recorded with one write
+    into each.
 
-    Everything the arithmetic reads lives on the device and is updated in place with Python scalars
-    as kernel arguments: a training step never copies host data to the device nor reads device data
-    back. The Python lists (``committed``, ``compensable``, ``num_calls``) are the host's own
-    bookkeeping of the same facts, for decisions that need no tensor.
+    Everything the arithmetic reads lives on the device, the slot being written included
+    (``cursor``, a one-element index): a training step never copies host data to the device nor
+    reads device data back, and no Python value that changes every step reaches a tensor op (what
+    lets ``torch.compile`` trace a steady step once). The host keeps only facts that are the same
+    at every steady step: the committed entries' compensability, oldest first (``committed``), and
+    the pending entry's calls and positions.
 
-    At most one slot is *pending*: the current iteration's entry, which becomes part of the window
-    (*committed*) when the next iteration starts. While pending it may be merged with further calls
-    of the layer in the same iteration. The ring has one slot more than the window holds entries, so
-    the pending slot is never one the current iteration reads (its backward still needs them).
+    At most one slot is *pending*: the current iteration's entry, at ``cursor``, which becomes part
+    of the window (*committed*) when the next iteration starts. While pending it may be merged with
+    further calls of the layer in the same iteration. The ring has one slot more than the window
+    holds entries, so the pending slot is never one the current iteration reads (its backward still
+    needs them).
 
     Args:
         capacity: number of slots (the window size, current batch included; 0 for a window of 1).
     """
-    tensor_names = ('mean', 'var', 'compensable_mask', 'age', 'positions', 'zero', 'inf',
-                    'patch_mean', 'sqmean_grad', 'excess', 'uses')
+    tensor_names = ('stats', 'compensable_mask', 'positions', 'cursor', 'next_slot', 'uses',
+                    'zero', 'invalid', 'derivatives', 'excess')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -42,80 +48,111 @@ class MomentWindow(ScratchTensors):
 
     def clear(self) -> None:
         """Drops every entry and frees the storage."""
-        self.mean: Optional[Tensor] = None
-        self.var: Optional[Tensor] = None
+        self.stats: Optional[Tensor] = None  # [capacity, 3C + 1]: mean, var, sqmean, age
         self.compensable_mask: Optional[Tensor] = None
-        self.age: Optional[Tensor] = None
         self.positions: Optional[Tensor] = None
+        self.cursor: Optional[Tensor] = None  # [1] the pending slot (long)
+        self.next_slot: Optional[Tensor] = None  # [capacity] the slot after each (long)
+        self.uses: Optional[Tensor] = None  # [1 + capacity], see in_window
         self.zero: Optional[Tensor] = None
-        self.inf: Optional[Tensor] = None
-        self.patch_mean: Optional[Tensor] = None
-        self.sqmean_grad: Optional[Tensor] = None
+        self.invalid: Optional[Tensor] = None  # [3C + 1] a non-finite batch's stats row
+        self.derivatives: Optional[Tensor] = None  # [groups + C, capacity, K]
+        self._groups = 0
         self.excess: Optional[Tensor] = None  # [capacity, C], for sampled derivatives only
-        self.uses: Optional[Tensor] = None  # [2, 1 + capacity], see in_window
-        self._uses_row = 0
-        self.num_positions: List[int] = [0] * self.capacity
-        self.num_calls: List[int] = [0] * self.capacity
-        self.compensable: List[bool] = [False] * self.capacity
-        self.committed: List[int] = []  # slot indices, oldest first
-        self.pending: Optional[int] = None
+        #: whether each committed entry is compensable, oldest first
+        self.committed: List[bool] = []
+        self.pending = False
+        self.pending_calls = 0
+        self.pending_positions = 0
+        self.pending_compensable = False
+        self.cursor_compensable = False  # the compensable_mask at cursor
+
+    mean = property(lambda self: self._stats_view(0), doc='``[capacity, C]`` each entry\'s mean')
+    var = property(lambda self: self._stats_view(1), doc='``[capacity, C]`` each entry\'s variance')
+    sqmean = property(lambda self: self._stats_view(2),
+                      doc='``[capacity, C]`` each entry\'s second moment, ``var + mean^2``')
+    age = property(lambda self: None if self.stats is None else self.stats[:, -1],
+                   doc='``[capacity]`` iterations since each entry was recorded')
+    patch_mean = property(lambda self: None if self.derivatives is None else
+                          self.derivatives[:self._groups], doc='``[groups, capacity, K]``')
+    sqmean_grad = property(lambda self: None if self.derivatives is None else
+                           self.derivatives[self._groups:], doc='``[C, capacity, K]``')
+
+    def _stats_view(self, index: int) -> Optional[Tensor]:
+        if self.stats is None:
+            return None
+        channels = self.stats.shape[1] // 3
+        return self.stats[:, index * channels:(index + 1) * channels]
 
     def __len__(self) -> int:
         """Number of entries held: the committed ones (at most ``capacity - 1``) and this
         iteration's pending one."""
-        return len(self.committed) + (self.pending is not None)
+        return len(self.committed) + self.pending
 
-    def recent(self, n: int) -> List[int]:
-        """The slots of the ``n`` most recent committed entries, newest first."""
+    def recent(self, n: int) -> List[bool]:
+        """Whether each of the ``n`` most recent committed entries is compensable, newest first."""
         return self.committed[::-1][:max(n, 0)]
+
+    def recent_slots(self, n: int) -> Tensor:
+        """The slots of the ``n`` most recent committed entries, newest first (a device tensor)."""
+        steps = torch.arange(1, n + 1, device=self.cursor.device)
+        return (self.cursor - steps).remainder_(self.capacity)
 
     def commit_pending(self) -> None:
         """Starts a new iteration: the pending entry joins the window, every entry ages by one."""
-        if self.pending is not None:
-            self.committed.append(self.pending)
-            self.pending = None
-            if len(self.committed) >= self.capacity:  # the window holds capacity - 1 entries
-                self.committed.pop(0)
+        if self.pending:
+            self.committed.append(self.pending_compensable)
+            self.pending = False
+            # the window holds capacity - 1 entries; the slot after the pending one holds the
+            # oldest, which leaves the window and is the next to be written
+            self.cursor_compensable = (self.committed.pop(0)
+                                       if len(self.committed) >= self.capacity else False)
+            self.cursor = self.next_slot[self.cursor]
         if self.age is not None:
             self.age.add_(1.0)
 
-    def open_pending(self) -> int:
-        """Reserves a slot no committed entry holds for this iteration's entry."""
-        assert self.pending is None and self.capacity > 0
-        used = set(self.committed)
-        slot = next(s for s in range(self.capacity) if s not in used)
-        self.pending = slot
-        self.num_calls[slot] = 0
-        return slot
+    def open_pending(self) -> None:
+        """Reserves the slot at ``cursor`` (no committed entry holds it) for this iteration's
+        entry."""
+        assert not self.pending and self.capacity > 0
+        self.pending = True
+        self.pending_calls = 0
+        self.pending_positions = 0
+        self.pending_compensable = False
 
     def in_window(self, num_entries: int) -> Tensor:
         """``[1 + capacity]``: 1 for the current batch, then per slot 1 for the valid entries among
-        the ``num_entries`` most recent, else 0. Written in place (one kernel) into one of two
-        buffers that alternate between calls, so the previous iteration's backward can still read
-        the tensor it was given."""
-        self._uses_row ^= 1
-        uses = self.uses[self._uses_row]
-        torch.le(self.age, num_entries, out=uses[1:])
-        return uses
+        the ``num_entries`` most recent, else 0. Written in place, once per iteration: a backward
+        that still needs the previous iteration's (saved for backward) then fails loudly."""
+        torch.le(self.age, num_entries, out=self.uses[1:])
+        return self.uses
 
     def _allocate(self, num_channels: int, device, dtype) -> None:
-        if self.mean is None or self.mean.shape[1] != num_channels or self.mean.device != device:
-            self.mean = torch.zeros(self.capacity, num_channels, device=device, dtype=dtype)
-            self.var = torch.zeros_like(self.mean)
+        width = 3 * num_channels + 1
+        if self.stats is None or self.stats.shape[1] != width or self.stats.device != device:
+            self.invalid = torch.zeros(width, device=device, dtype=dtype)
+            self.invalid[-1] = float('inf')
+            self.stats = self.invalid.repeat(self.capacity, 1)
             self.compensable_mask = torch.zeros(self.capacity, device=device, dtype=dtype)
             self.positions = torch.zeros_like(self.compensable_mask)
-            self.age = torch.full_like(self.compensable_mask, float('inf'))
-            self.uses = torch.ones(2, self.capacity + 1, device=device, dtype=dtype)
-            # where()'s fills for in-place writes
-            self.zero = torch.zeros((), device=device, dtype=dtype)
-            self.inf = torch.full((), float('inf'), device=device, dtype=dtype)
+            self.cursor = torch.zeros(1, device=device, dtype=torch.long)
+            self.next_slot = torch.arange(1, self.capacity + 1, device=device).remainder_(
+                self.capacity)
+            self.uses = torch.ones(1 + self.capacity, device=device, dtype=dtype)
+            self.zero = torch.zeros((), device=device, dtype=dtype)  # where()'s fill
 
     def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
-        shape = (sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
-        if self.sqmean_grad is None or self.sqmean_grad.shape != shape:
-            self.patch_mean = patch_mean.new_zeros(
-                (patch_mean.shape[0], self.capacity, patch_mean.shape[1]))
-            self.sqmean_grad = sqmean_grad.new_zeros(shape)
+        shape = (patch_mean.shape[0] + sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
+        if self.derivatives is None or self.derivatives.shape != shape:
+            self._groups = patch_mean.shape[0]
+            self.derivatives = sqmean_grad.new_zeros(shape)
+
+    def _write(self, ring: Tensor, dim: int, value: Tensor) -> None:
+        """``ring``'s slot ``cursor`` along ``dim`` := ``value``."""
+        ring.index_copy_(dim, self.cursor, value.unsqueeze(dim))
+
+    def _read(self, ring: Tensor, dim: int) -> Tensor:
+        return ring.index_select(dim, self.cursor).squeeze(dim)
 
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
                derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
@@ -128,11 +165,10 @@ class MomentWindow(ScratchTensors):
         non-finite later call leaves the slot as it was. ``count_positions``: keep the slot's
         number of positions on the device (synchronised CBN pools entries by it).
         """
-        slot = self.pending
-        assert slot is not None
+        assert self.pending
         self._allocate(mean.shape[0], mean.device, mean.dtype)
-        first = self.num_calls[slot] == 0
-        n_old = 0 if first else self.num_positions[slot]
+        first = self.pending_calls == 0
+        n_old = self.pending_positions
         total = n_old + num_positions
 
         def merged(old: Tensor, new: Tensor) -> Tensor:
@@ -140,56 +176,60 @@ class MomentWindow(ScratchTensors):
             return torch.where(finite, (n_old * old + num_positions * new) / total, old)
 
         if first:
-            torch.where(finite, self.zero, self.inf, out=self.age[slot])
-            torch.where(finite, mean, self.zero, out=self.mean[slot])
-            torch.where(finite, var, self.zero, out=self.var[slot])
+            row = torch.cat([mean, var, torch.addcmul(var, mean, mean), self.zero.view(1)])
+            self._write(self.stats, 0, torch.where(finite, row, self.invalid))
         else:
-            old_mean, old_var = self.mean[slot], self.var[slot]
+            old = self._read(self.stats, 0)
+            channels = mean.shape[0]
+            old_mean, old_var = old[:channels], old[channels:2 * channels]
             spread = (n_old * num_positions / total**2) * (old_mean - mean)**2
-            self.mean[slot] = merged(old_mean, mean)
-            self.var[slot] = torch.where(finite, merged(old_var, var) + spread, old_var)
+            new_mean = merged(old_mean, mean)
+            new_var = torch.where(finite, merged(old_var, var) + spread, old_var)
+            self._write(self.stats, 0, torch.cat([
+                new_mean, new_var, torch.addcmul(new_var, new_mean, new_mean), old[-1:]]))
         if count_positions:
-            self.positions[slot].fill_(float(total))
+            self.positions.index_fill_(0, self.cursor, float(total))
 
-        if derivatives is not None and (first or self.compensable[slot]):
+        if derivatives is not None and (first or self.pending_compensable):
             patch_mean, sqmean_grad, excess = derivatives
             if first:
-                self._write_derivatives(slot, patch_mean, sqmean_grad, excess, finite)
+                self._write_derivatives(patch_mean, sqmean_grad, excess, finite)
             else:
+                old = self._read(self.derivatives, 1)
                 self._write_derivatives(
-                    slot, merged(self.patch_mean[:, slot], patch_mean),
-                    merged(self.sqmean_grad[:, slot], sqmean_grad),
-                    None if excess is None else merged(self.excess[slot], excess))
-        elif first or self.compensable[slot]:
-            self.compensable[slot] = False
-            self.compensable_mask[slot].fill_(0.0)
-        self.num_positions[slot] = total
-        self.num_calls[slot] += 1
+                    merged(old[:self._groups], patch_mean), merged(old[self._groups:], sqmean_grad),
+                    None if excess is None else merged(self._read(self.excess, 0), excess))
+        elif first or self.pending_compensable:
+            self.pending_compensable = False
+            self._set_cursor_compensable(False)
+        self.pending_positions = total
+        self.pending_calls += 1
 
     def fill_derivatives(self, derivatives: Tuple[Tensor, Tensor, Optional[Tensor]],
                          finite: Tensor) -> None:
         """Adds derivatives to a pending entry recorded by a single call that could not compute them
         (e.g. the no-grad first pass of gradient checkpointing, before its recomputation)."""
-        slot = self.pending
-        if slot is None or self.compensable[slot] or self.num_calls[slot] != 1:
+        if not self.pending or self.pending_compensable or self.pending_calls != 1:
             return
-        self._write_derivatives(slot, *derivatives, finite)
+        self._write_derivatives(*derivatives, finite)
 
-    def _write_derivatives(self, slot: int, patch_mean: Tensor, sqmean_grad: Tensor,
+    def _write_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor,
                            excess: Optional[Tensor], finite: Optional[Tensor] = None) -> None:
-        """Stores a slot's derivatives; with ``finite`` given, a non-finite batch's as zeros (the
-        backward contracts over every slot, where a NaN would reach the conv's gradient)."""
+        """Stores the pending slot's derivatives; with ``finite`` given, a non-finite batch's as
+        zeros (the backward contracts over every slot, where a NaN would reach the conv's
+        gradient)."""
         self._allocate_derivatives(patch_mean, sqmean_grad)
         if excess is not None and self.excess is None:
             self.excess = torch.zeros_like(self.mean)
-        pairs = [(self.patch_mean[:, slot], patch_mean), (self.sqmean_grad[:, slot], sqmean_grad)]
-        if excess is not None:
-            pairs.append((self.excess[slot], excess))
-        for stored, new in pairs:
-            if finite is None:
-                stored.copy_(new)
-            else:
-                torch.where(finite, new, self.zero, out=stored)
-        if not self.compensable[slot]:
-            self.compensable[slot] = True
-            self.compensable_mask[slot].fill_(1.0)
+        for ring, dim, new in ((self.derivatives, 1, torch.cat([patch_mean, sqmean_grad])),
+                               (self.excess, 0, excess)):
+            if new is not None:
+                self._write(ring, dim, new if finite is None else torch.where(finite, new, self.zero))
+        self.pending_compensable = True
+        self._set_cursor_compensable(True)
+
+    def _set_cursor_compensable(self, compensable: bool) -> None:
+        """``compensable_mask`` at ``cursor``, written only when it changes (known on the host)."""
+        if compensable != self.cursor_compensable:
+            self.cursor_compensable = compensable
+            self.compensable_mask.index_fill_(0, self.cursor, float(compensable))

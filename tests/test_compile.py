@@ -1,0 +1,112 @@
+"""torch.compile of a conv + CBN + ReLU block: one graph, compiled once, equal to eager.
+
+Uses the ``aot_eager`` backend (dynamo traces forward and backward, no C++ compiler): what this test
+checks, graph breaks, recompilations and equality, does not depend on the code generator.
+"""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from cbn_reference import ReferenceCBN
+from mmcbn import CrossIterationBatchNorm2d
+
+WARM_STEPS = 5  # the window is full from the 5th step on (3 entries and one pending)
+
+
+def _block(window_grad=True, dtype=torch.float32):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=True)
+    cbn = CrossIterationBatchNorm2d(6, window_size=4, window_grad=window_grad)
+    cbn.bind(conv)
+    with torch.no_grad():
+        cbn.weight.uniform_(0.5, 1.5)
+        cbn.bias.uniform_(-0.5, 0.5)
+    return nn.Sequential(conv, cbn, nn.ReLU()).to(dtype)
+
+
+def _step(block, model, opt, x, target, it):
+    block[1].iteration = it
+    out = model(x)
+    opt.zero_grad()
+    (out * target).sum().backward()
+    grads = [p.grad.clone() for p in block.parameters()]
+    opt.step()
+    return out.detach(), grads
+
+
+def _inputs(steps, dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(2, 4, 8, 8, generator=g, dtype=dtype) + 0.3,
+             torch.randn(2, 6, 8, 8, generator=g, dtype=dtype)) for _ in range(steps)]
+
+
+def test_compiled_block_is_one_graph_compiled_once_and_equals_eager():
+    """12 steady steps with fullgraph=True: at most 2 compilations (dynamo's count of frames it
+    traced), and outputs, every gradient and the running buffers equal the eager block's."""
+    torch._dynamo.reset()
+    eager = _block()
+    compiled_block = copy.deepcopy(eager)
+    compiled_block[1].bind(compiled_block[0])
+    compilations = []
+
+    def backend(gm, example_inputs):
+        compilations.append(gm)
+        from torch._dynamo.backends.common import aot_autograd
+        from torch._functorch.aot_autograd import make_boxed_func
+        return aot_autograd(fw_compiler=lambda g, _: make_boxed_func(g.forward))(gm,
+                                                                                 example_inputs)
+
+    model = torch.compile(compiled_block, backend=backend, fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(compiled_block.parameters(), lr=0.05)
+    data = _inputs(WARM_STEPS + 12)
+    for it, (x, target) in enumerate(data):
+        if it < WARM_STEPS:  # fill the window eagerly, as a compiled run's first steps would
+            _step(eager, eager, opt_e, x, target, it)
+            _step(compiled_block, compiled_block, opt_c, x, target, it)
+            continue
+        out_e, grads_e = _step(eager, eager, opt_e, x, target, it)
+        out_c, grads_c = _step(compiled_block, model, opt_c, x, target, it)
+        close = dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(out_c, out_e, **close)
+        for g_c, g_e in zip(grads_c, grads_e):
+            torch.testing.assert_close(g_c, g_e, **close)
+        for b_c, b_e in zip(compiled_block.buffers(), eager.buffers()):
+            torch.testing.assert_close(b_c, b_e, **close)
+    assert 1 <= len(compilations) <= 2, len(compilations)
+    # the compiled steps really used the window: its entries differ from the batch alone
+    assert compiled_block[1].window_stats()['mean'].shape[0] == 3
+
+
+@pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
+def test_compiled_block_matches_float64_reference(window_grad):
+    """The compiled layer against the independent float64 autograd reference, steady steps."""
+    torch._dynamo.reset()
+    block = _block(window_grad, torch.float64)
+    conv, cbn = block[0], block[1]
+    cbn.compensate_running_stats = False  # the reference keeps BN's plain EMA
+    conv_ref = copy.deepcopy(conv)
+    gamma = cbn.weight.detach().clone().requires_grad_()
+    beta = cbn.bias.detach().clone().requires_grad_()
+    ref = ReferenceCBN(conv_ref, gamma, beta, 4, window_grad=window_grad)
+    model = torch.compile(nn.Sequential(conv, cbn), backend='aot_eager', fullgraph=True)
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    opt_ref = torch.optim.SGD([*conv_ref.parameters(), gamma, beta], lr=0.05)
+    for it, (x, target) in enumerate(_inputs(WARM_STEPS + 3, torch.float64)):
+        cbn.iteration = it
+        out = (model if it >= WARM_STEPS else nn.Sequential(conv, cbn))(x)
+        opt.zero_grad()
+        (out * target).sum().backward()
+        _, out_ref, _, _ = ref.forward(x)
+        opt_ref.zero_grad()
+        (out_ref * target).sum().backward()
+        close = dict(rtol=1e-9, atol=1e-10)
+        torch.testing.assert_close(out, out_ref, **close)
+        torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, **close)
+        torch.testing.assert_close(conv.bias.grad, conv_ref.bias.grad, **close)
+        torch.testing.assert_close(cbn.weight.grad, gamma.grad, **close)
+        torch.testing.assert_close(cbn.running_mean, ref.running_mean, **close)
+        opt.step()
+        opt_ref.step()
