@@ -1,6 +1,7 @@
 """convert_bn_to_cbn / convert_cbn_to_bn on real models, compared with the BN originals."""
 import copy
 
+import pytest
 import torch
 from torch import nn
 
@@ -73,3 +74,100 @@ def test_single_layer_and_syncbn():
     model = convert_bn_to_cbn(model)
     assert model[1].binding.module is model[0]
     assert model[3].binding is None and 'ReLU is not an nn.Conv2d' in model[3].unbound_reason
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """A stand-in for timm's BatchNormAct2d: BN, then drop and act inside the norm module."""
+
+    def __init__(self, num_features, drop=0.0):
+        super().__init__(num_features)
+        self.drop = nn.Dropout(drop) if drop else nn.Identity()
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBatchNorm2d(nn.BatchNorm2d):
+    """A BN subclass whose forward computes more than BN."""
+
+    def forward(self, x):
+        return super().forward(x) * 2.0
+
+
+class BatchNormWithCounter(nn.BatchNorm2d):
+    """A BN subclass with BN's forward and an extra buffer."""
+
+    def __init__(self, num_features):
+        super().__init__(num_features)
+        self.register_buffer('calls', torch.zeros((), dtype=torch.long))
+
+
+class FrozenBatchNorm2d(nn.Module):
+    """A frozen BN as detectron2 and torchvision write it: not a BN subclass."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.register_buffer('weight', torch.ones(n))
+        self.register_buffer('bias', torch.zeros(n))
+
+    def forward(self, x):
+        return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+
+def _norm_act_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8),
+                          nn.Conv2d(8, 8, 3, bias=False), BatchNormAct2d(8, drop=0.5),
+                          FrozenBatchNorm2d(8))
+    model.train()
+    for _ in range(2):
+        model(torch.randn(2, 3, 12, 12))
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model.eval()
+
+
+def test_norm_act_keeps_its_activation_and_drop_and_converts_back():
+    bn_model = _norm_act_model()
+    x = torch.randn(2, 3, 12, 12)
+    expected = bn_model(x)
+    frozen = bn_model[4]
+    cbn_model = convert_bn_to_cbn(copy.deepcopy(bn_model), window_size=3)
+    assert isinstance(cbn_model[1], CrossIterationBatchNorm2d)
+    assert isinstance(cbn_model[1].act, nn.SiLU) and isinstance(cbn_model[3].drop, nn.Dropout)
+    assert cbn_model[1].binding.module is cbn_model[0]
+    assert type(cbn_model[4]) is FrozenBatchNorm2d  # not a BN: left alone
+    torch.testing.assert_close(cbn_model(x), expected, rtol=0, atol=0)
+    # trains with the activation in place: the output of a SiLU is never below its minimum
+    cbn_model.train()
+    opt = torch.optim.SGD(cbn_model.parameters(), lr=0.01)
+    for it in range(4):
+        cbn_model[1].iteration = cbn_model[3].iteration = it
+        out = cbn_model[:2](torch.randn(2, 3, 12, 12))
+        assert out.min() >= -0.2785  # SiLU's minimum; a plain norm goes far below
+        cbn_model(torch.randn(2, 3, 12, 12)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    cbn_model.eval()
+    trained = cbn_model(x)
+    back = convert_cbn_to_bn(copy.deepcopy(cbn_model))
+    assert type(back[1]) is BatchNormAct2d and type(back[3]) is BatchNormAct2d
+    assert isinstance(back[3].drop, nn.Dropout) and back[4].weight.shape == frozen.weight.shape
+    torch.testing.assert_close(back(x), trained, rtol=0, atol=0)
+    assert set(back.state_dict()) == set(bn_model.state_dict())
+
+
+def test_bn_subclasses_that_would_lose_something_are_refused_by_name():
+    for cls in (ScaledBatchNorm2d, BatchNormWithCounter):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3), cls(4))
+        with pytest.raises(TypeError, match=f'{cls.__name__} .*keep=\\({cls.__name__},\\)'):
+            convert_bn_to_cbn(model)
+        kept = convert_bn_to_cbn(model, keep=(cls, ))
+        assert type(kept[1]) is cls
+    plain_subclass = type('MyBatchNorm2d', (nn.BatchNorm2d, ), {})
+    converted = convert_bn_to_cbn(nn.Sequential(nn.Conv2d(3, 4, 3), plain_subclass(4)))
+    assert isinstance(converted[1], CrossIterationBatchNorm2d)

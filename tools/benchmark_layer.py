@@ -13,6 +13,8 @@ Variants, measured side by side (interleaved, median over repeats) on each conv 
   naive CBN k=4   the same without compensation (the paper's ablation)
   autograd k=4    the authors' approach, re-written here for comparison: two autograd.grad calls per
                   layer per iteration and dmu/dW, dnu/dW and W stored per entry (3|W|)
+  BN compiled, CBN k=4 compiled  (with --compile) conv + norm under torch.compile (inductor),
+                  the CBN block compiled once its window is full (earlier steps run eagerly)
 
 Each step runs forward, backward and an SGD update (so the weights move and compensation is real;
 the update includes CBN's move of the running statistics to the new weights); the time of the
@@ -22,6 +24,7 @@ reports the host syncs each variant made. Window memory is in floats and as a mu
 (CBN keeps k slots: the k - 1 entries in use and the iteration's own).
 
 Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15] [--sync-debug]
+                                     [--compile] [--shapes NAME ...]
 """
 import argparse
 import contextlib
@@ -82,10 +85,18 @@ class AutogradStyleCBN(nn.Module):
 
 
 def make_variant(name, shape, device):
+    if name.endswith(' compiled'):
+        conv, norm, forward, opt, floats = make_variant(name[:-len(' compiled')], shape, device)
+        compiled = torch.compile(nn.Sequential(conv, norm))
+        window = getattr(norm, 'window_size', 1)
+        # eager until the window is full: the compiled graph is the steady step's
+        forward = lambda x: compiled(x) if norm.iteration >= window else norm(conv(x))  # noqa
+        return conv, norm, forward, opt, floats
     cin, cout, k, s, p, _ = shape
     conv = nn.Conv2d(cin, cout, k, s, p, bias=False).to(device)
     if name == 'BN':
         norm = nn.BatchNorm2d(cout).to(device)
+        norm.iteration = 0
         forward = lambda x: norm(conv(x))  # noqa: E731
         floats = lambda: 0  # noqa: E731
     elif name.startswith('autograd'):
@@ -131,8 +142,12 @@ def run(args):
     device = torch.device(args.device)
     names = ['BN', 'CBN k=2', 'CBN k=4', 'CBN k=8', 'CBN k=4 exact', 'CBN k=4 16 positions',
              'CBN k=4 stop-grad', 'CBN k=4 plain stats', 'naive CBN k=4', 'autograd k=4']
+    if args.compile:
+        names += ['BN compiled', 'CBN k=4 compiled']
     rows = []
     for shape_name, shape in SHAPES.items():
+        if args.shapes and shape_name.split()[0] not in args.shapes:
+            continue
         torch.manual_seed(0)
         cin, _, _, _, _, size = shape
         x = torch.randn(args.batch, cin, size, size, device=device,
@@ -184,6 +199,10 @@ def main():
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--repeats', type=int, default=15)
     parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--compile', action='store_true',
+                        help='also BN and CBN k=4 under torch.compile (inductor)')
+    parser.add_argument('--shapes', nargs='*', choices=[n.split()[0] for n in SHAPES],
+                        help='only these conv shapes (by first word)')
     parser.add_argument('--sync-debug', action='store_true',
                         help="CUDA: count host syncs per variant (set_sync_debug_mode('warn'))")
     args = parser.parse_args()
