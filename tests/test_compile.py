@@ -110,3 +110,47 @@ def test_compiled_block_matches_float64_reference(window_grad):
         torch.testing.assert_close(cbn.running_mean, ref.running_mean, **close)
         opt.step()
         opt_ref.step()
+
+
+def test_a_backward_after_the_next_iteration_started_fails_loudly():
+    """The window's ring changes only when an iteration starts, and the normalisation saves it for
+    backward: running an iteration's backward after the next one started is torch's in-place
+    error, never a gradient from another iteration's entries."""
+    block = _block()
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    data = _inputs(WARM_STEPS + 1)
+    for it, (x, target) in enumerate(data[:WARM_STEPS]):
+        _step(block, block, opt, x, target, it)
+    x, target = data[-1]
+    block[1].iteration = WARM_STEPS
+    loss = (block(x) * target).sum()
+    block[1].iteration = WARM_STEPS + 1
+    block(x)  # the next iteration starts: the ring moves on
+    with pytest.raises(RuntimeError, match='modified by an inplace operation'):
+        loss.backward()
+
+
+def test_compiled_shared_layer_called_twice_per_iteration_equals_eager():
+    """A head shared by two FPN levels: both calls of an iteration read the same ring and merge
+    into one pending entry, compiled as eager."""
+    torch._dynamo.reset()
+    eager = _block()
+    compiled_block = copy.deepcopy(eager)
+    compiled_block[1].bind(compiled_block[0])
+    model = torch.compile(compiled_block, backend='aot_eager', fullgraph=True)
+    opt_e = torch.optim.SGD(eager.parameters(), lr=0.05)
+    opt_c = torch.optim.SGD(compiled_block.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(2)
+    for it in range(WARM_STEPS + 4):
+        levels = [torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 4, 4, generator=g)]
+        grads = []
+        for block, fn, opt in ((eager, eager, opt_e), (compiled_block, model, opt_c)):
+            block[1].iteration = it
+            run = fn if it >= WARM_STEPS else block
+            opt.zero_grad()
+            sum(run(x).square().mean() for x in levels).backward()
+            grads.append([p.grad.clone() for p in block.parameters()])
+            opt.step()
+        for g_c, g_e in zip(grads[1], grads[0]):
+            torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
+    assert compiled_block[1]._window.pending_calls == 2

@@ -210,7 +210,7 @@ def test_frozen_conv_skips_derivatives_and_window_memory_budget():
     for _ in range(4):
         cbn(conv(torch.randn(2, 16, 8, 8)))
     weight_floats = conv.weight.numel()
-    # one weight-sized derivative per slot: window_size slots (the entries and this iteration's)
+    # one weight-sized derivative per entry: window_size - 1 slots and this iteration's entry
     assert cbn.window_nbytes() / 4 <= 1.1 * 4 * weight_floats
 
 

@@ -81,6 +81,10 @@ def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
     faster on CPU than ``var_mean`` over dims (0, 2, 3)). Half/bfloat16 input is reduced in float32:
     the float32 scratch buffers passed in make the kernel accumulate and return float32.
     """
+    if torch.compiler.is_compiling():  # the BN kernel has no shape function for the compiler
+        var, mean = torch.var_mean(y.to(torch.promote_types(y.dtype, torch.float32)),
+                                   dim=(0, 2, 3), correction=0)
+        return mean, var
     if y.dtype in (torch.float32, torch.float64):
         return torch.batch_norm_update_stats(y, None, None, 0.0)
     scratch_mean = torch.zeros(y.shape[1], device=y.device, dtype=torch.float32)

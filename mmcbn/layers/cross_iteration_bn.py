@@ -136,9 +136,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         self._new_iteration = True  # the next training call starts an iteration
         #: The layer's name in its model, for logs and warnings (set by the binders).
         self.layer_name: str = ''
-        # one slot more than the entries in use: this iteration's record never overwrites an entry
-        # the iteration reads (its backward still needs them)
-        self._window = MomentWindow(window_size if window_size > 1 else 0)
+        self._window = MomentWindow(window_size - 1)
         self._link = ProducerLink()
         self._state: Optional[IterationState] = None
         self._warned: set = set()

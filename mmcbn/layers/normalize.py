@@ -46,6 +46,11 @@ class WindowGradTerms:
     patch_mean: Tensor
     sqmean_grad: Tensor
 
+    def tensors(self) -> tuple:
+        """The fields in order (the Function saves them for backward)."""
+        return (self.share, self.kept_share, self.clamped_mean, self.mean, self.patch_mean,
+                self.sqmean_grad)
+
     @classmethod
     def build(cls, share: Tensor, mean_hat: Tensor, var_hat: Tensor, mean: Tensor,
               patch_mean: Tensor, sqmean_grad: Tensor) -> 'WindowGradTerms':
@@ -83,27 +88,25 @@ class NormalizeWithWindow(torch.autograd.Function):
                 conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], mean: Tensor,
                 var: Tensor, inv_k: Optional[Tensor], eps: float, sync_count: Optional[Tensor],
                 group, terms: Optional[WindowGradTerms]) -> Tensor:
-        ctx.eps, ctx.group, ctx.terms = eps, group, terms
+        ctx.eps, ctx.group, ctx.with_terms = eps, group, terms is not None
         ctx.conv_weight_shape = None if conv_weight is None else conv_weight.shape
         ctx.conv_dtypes = (None if conv_weight is None else conv_weight.dtype,
                            None if conv_bias is None else conv_bias.dtype)
-        # the window's derivatives stay on ctx.terms, unsaved: the pending entry is recorded into
-        # the same ring tensors later in this forward (another slot), which a saved tensor's
-        # version check would flag. The entries' shares are saved: the window rewrites them in
-        # place when the next iteration starts, so a backward that comes after that fails loudly.
+        # the window's tensors are inputs like any other: the ring changes only when the next
+        # iteration starts (window.MomentWindow), so a backward after that fails loudly
         ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count,
-                              None if terms is None else terms.share)
+                              *(terms.tensors() if terms is not None else ()))
         return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
                                 torch.backends.cudnn.enabled)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, weight, mean, invstd, inv_k, sync_count, share = ctx.saved_tensors
+        x, weight, mean, invstd, inv_k, sync_count, *saved_terms = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         need_x = ctx.needs_input_grad[0]
         need_w = weight is not None and ctx.needs_input_grad[1]
         need_b = ctx.needs_input_grad[2]
-        terms = ctx.terms
+        terms = WindowGradTerms(*saved_terms) if ctx.with_terms else None
         need_conv = terms is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
         scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
         batch_scale = None  # weight * invstd / k: the current batch's share
@@ -150,20 +153,20 @@ class NormalizeWithWindow(torch.autograd.Function):
         grad_conv_weight = grad_conv_bias = None
         if need_conv:
             with torch.autocast(x.device.type, enabled=False):
-                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, share, sums,
+                grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums,
                                                                       batch_scale, invstd, mean)
         return (grad_x, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias, None, None, None,
                 None, None, None, None)
 
 
-def _window_conv_grads(ctx, terms: WindowGradTerms, share: Tensor, sums: Tensor, t: Tensor,
-                       invstd: Tensor, mean: Tensor):
+def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, t: Tensor, invstd: Tensor,
+                       mean: Tensor):
     """The conv's weight and bias gradients through the compensated entries (see
     :class:`WindowGradTerms`); ``sums`` holds ``sum(dy)`` and ``sum(dy * xhat)``, ``t`` is
     ``weight * invstd / k``."""
     u = t * invstd * sums[1]  # -2 b / k
     neg_base = torch.addcmul(t * sums[0], u, mean, value=-1.0)  # -(a - 2 b mean) / k
-    neg_grad_mean = torch.addcmul(share * neg_base, terms.clamped_mean, u)
+    neg_grad_mean = torch.addcmul(terms.share * neg_base, terms.clamped_mean, u)
     kept_u = terms.kept_share * u  # -2 d sqmean_hat
     weight_dtype, bias_dtype = ctx.conv_dtypes
     grad_w, grad_b = compensation_backward(neg_grad_mean, kept_u, terms.mean, terms.patch_mean,

@@ -8,39 +8,42 @@ from .scratch_tensors import ScratchTensors
 
 
 class MomentWindow(ScratchTensors):
-    """A fixed-size ring of per-iteration statistics, preallocated on first use.
+    """The entries of one layer's earlier iterations: a ring of ``capacity`` slots, and this
+    iteration's entry (*pending*) beside it.
 
-    Each slot holds one iteration's per-channel ``mean`` and ``var`` (``[capacity, C]``, float32 or
-    wider), its ``age`` (iterations since it was recorded: 0 while pending; infinite for a slot
-    never written and for a batch whose statistics were not finite, stored as zeros and never used),
-    its number of ``positions`` (kept for synchronised CBN only) and, for compensable entries
-    (``compensable_mask`` 1), the derivatives
-    from :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major
-    (``patch_mean`` ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that
-    compensating every slot is one batched matrix product with no gather. The derivative buffers are
-    only allocated for a layer that records a compensable entry. ``mean``, ``var`` and ``age`` are
-    views of one ``stats`` tensor (``[capacity, 3C + 1]``, the second moment ``sqmean`` too), ``patch_mean`` and ``sqmean_grad`` of
-    one ``derivatives`` tensor (``[groups + C, capacity, K]``): an entry is recorded with one write
-    into each.
+    Each slot holds one iteration's per-channel ``mean``, ``var`` and second moment ``sqmean``
+    (``var + mean^2``; ``[capacity, C]``, float32 or wider), its ``age`` (iterations since it was
+    recorded; infinite for a slot never written and for a batch whose statistics were not finite,
+    stored as zeros and never used), its number of ``positions`` (kept for synchronised CBN only)
+    and, for compensable entries (``compensable_mask`` 1), the derivatives from
+    :func:`~mmcbn.layers.conv_moments.moment_derivatives`, stored channel-major (``patch_mean``
+    ``[groups, capacity, K]``, ``sqmean_grad`` ``[C, capacity, K]``) so that compensating every slot
+    is one batched matrix product with no gather. ``mean``, ``var``, ``sqmean`` and ``age`` are
+    views of one ``stats`` tensor (``[capacity, 3C + 1]``), ``patch_mean`` and ``sqmean_grad`` of
+    one ``derivatives`` tensor (``[groups + C, capacity, K]``). The derivative buffers are only
+    allocated for a layer that records a compensable entry.
 
-    Everything the arithmetic reads lives on the device, the slot being written included
+    The contract with autograd: the ring changes only when an iteration starts
+    (:meth:`commit_pending` writes the previous iteration's entry into the oldest slot); within an
+    iteration, every call reads the same ring and records into the pending entry, separate
+    tensors. So the normalisation saves the ring for its backward like any input
+    (``save_for_backward``), and a backward run after the next iteration has started fails with
+    torch's in-place error instead of reading another iteration's entries.
+
+    Everything the arithmetic reads lives on the device, the slot written next included
     (``cursor``, a one-element index): a training step never copies host data to the device nor
     reads device data back, and no Python value that changes every step reaches a tensor op (what
     lets ``torch.compile`` trace a steady step once). The host keeps only facts that are the same
     at every steady step: the committed entries' compensability, oldest first (``committed``), and
     the pending entry's calls and positions.
 
-    At most one slot is *pending*: the current iteration's entry, at ``cursor``, which becomes part
-    of the window (*committed*) when the next iteration starts. While pending it may be merged with
-    further calls of the layer in the same iteration. The ring has one slot more than the window
-    holds entries, so the pending slot is never one the current iteration reads (its backward still
-    needs them).
-
     Args:
-        capacity: number of slots (the window size, current batch included; 0 for a window of 1).
+        capacity: number of slots: the window size less the current iteration (0 for a window of
+            1).
     """
     tensor_names = ('stats', 'compensable_mask', 'positions', 'cursor', 'next_slot', 'uses',
-                    'zero', 'invalid', 'derivatives', 'excess')
+                    'zero', 'invalid', 'derivatives', 'excess', 'pending_stats',
+                    'pending_derivatives', 'pending_excess')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -51,14 +54,19 @@ class MomentWindow(ScratchTensors):
         self.stats: Optional[Tensor] = None  # [capacity, 3C + 1]: mean, var, sqmean, age
         self.compensable_mask: Optional[Tensor] = None
         self.positions: Optional[Tensor] = None
-        self.cursor: Optional[Tensor] = None  # [1] the pending slot (long)
+        self.cursor: Optional[Tensor] = None  # [1] the slot the next commit writes (long)
         self.next_slot: Optional[Tensor] = None  # [capacity] the slot after each (long)
         self.uses: Optional[Tensor] = None  # [1 + capacity], see in_window
         self.zero: Optional[Tensor] = None
         self.invalid: Optional[Tensor] = None  # [3C + 1] a non-finite batch's stats row
         self.derivatives: Optional[Tensor] = None  # [groups + C, capacity, K]
-        self._groups = 0
         self.excess: Optional[Tensor] = None  # [capacity, C], for sampled derivatives only
+        self._groups = 0
+        # this iteration's entry: a stats row, and the derivatives when compensable
+        self.pending_stats: Optional[Tensor] = None  # [3C + 1]
+        self.pending_derivatives: Optional[Tensor] = None  # [groups + C, K]
+        self.pending_excess: Optional[Tensor] = None  # [C]
+        self.pending_positions_tensor: Optional[Tensor] = None
         #: whether each committed entry is compensable, oldest first
         self.committed: List[bool] = []
         self.pending = False
@@ -85,8 +93,8 @@ class MomentWindow(ScratchTensors):
         return self.stats[:, index * channels:(index + 1) * channels]
 
     def __len__(self) -> int:
-        """Number of entries held: the committed ones (at most ``capacity - 1``) and this
-        iteration's pending one."""
+        """Number of entries held: the committed ones (at most ``capacity``) and this iteration's
+        pending one."""
         return len(self.committed) + self.pending
 
     def recent(self, n: int) -> List[bool]:
@@ -99,21 +107,33 @@ class MomentWindow(ScratchTensors):
         return (self.cursor - steps).remainder_(self.capacity)
 
     def commit_pending(self) -> None:
-        """Starts a new iteration: the pending entry joins the window, every entry ages by one."""
+        """Starts a new iteration: the pending entry is written into the oldest slot (it leaves
+        the window), every entry ages by one."""
         if self.pending:
+            self._write(self.stats, 0, self.pending_stats)
+            if self.pending_compensable:
+                self._write(self.derivatives, 1, self.pending_derivatives)
+                if self.pending_excess is not None:
+                    self._write(self.excess, 0, self.pending_excess)
+            if self.pending_compensable != self.cursor_compensable:  # known on the host
+                self.compensable_mask.index_fill_(0, self.cursor, float(self.pending_compensable))
+            if self.pending_positions_tensor is not None:
+                self._write(self.positions, 0, self.pending_positions_tensor)
             self.committed.append(self.pending_compensable)
-            self.pending = False
-            # the window holds capacity - 1 entries; the slot after the pending one holds the
-            # oldest, which leaves the window and is the next to be written
-            self.cursor_compensable = (self.committed.pop(0)
-                                       if len(self.committed) >= self.capacity else False)
+            if len(self.committed) > self.capacity:
+                self.committed.pop(0)
+            # the next slot holds the oldest entry, which is the next to leave
+            self.cursor_compensable = (self.committed[0]
+                                       if len(self.committed) == self.capacity else False)
             self.cursor = self.next_slot[self.cursor]
-        if self.age is not None:
+            self.pending = False
+            self.pending_stats = self.pending_derivatives = self.pending_excess = None
+            self.pending_positions_tensor = None
+        if self.stats is not None:
             self.age.add_(1.0)
 
     def open_pending(self) -> None:
-        """Reserves the slot at ``cursor`` (no committed entry holds it) for this iteration's
-        entry."""
+        """Starts this iteration's entry."""
         assert not self.pending and self.capacity > 0
         self.pending = True
         self.pending_calls = 0
@@ -122,8 +142,8 @@ class MomentWindow(ScratchTensors):
 
     def in_window(self, num_entries: int) -> Tensor:
         """``[1 + capacity]``: 1 for the current batch, then per slot 1 for the valid entries among
-        the ``num_entries`` most recent, else 0. Written in place, once per iteration: a backward
-        that still needs the previous iteration's (saved for backward) then fails loudly."""
+        the ``num_entries`` most recent, else 0. Written in place, once per iteration (saved for
+        backward, as the ring)."""
         torch.le(self.age, num_entries, out=self.uses[1:])
         return self.uses
 
@@ -141,29 +161,26 @@ class MomentWindow(ScratchTensors):
             self.uses = torch.ones(1 + self.capacity, device=device, dtype=dtype)
             self.zero = torch.zeros((), device=device, dtype=dtype)  # where()'s fill
 
-    def _allocate_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor) -> None:
-        shape = (patch_mean.shape[0] + sqmean_grad.shape[0], self.capacity, sqmean_grad.shape[1])
+    def _allocate_derivatives(self, derivatives: Tensor, groups: int) -> None:
+        shape = (derivatives.shape[0], self.capacity, derivatives.shape[1])
         if self.derivatives is None or self.derivatives.shape != shape:
-            self._groups = patch_mean.shape[0]
-            self.derivatives = sqmean_grad.new_zeros(shape)
+            self._groups = groups
+            self.derivatives = derivatives.new_zeros(shape)
 
     def _write(self, ring: Tensor, dim: int, value: Tensor) -> None:
         """``ring``'s slot ``cursor`` along ``dim`` := ``value``."""
         ring.index_copy_(dim, self.cursor, value.unsqueeze(dim))
 
-    def _read(self, ring: Tensor, dim: int) -> Tensor:
-        return ring.index_select(dim, self.cursor).squeeze(dim)
-
     def record(self, mean: Tensor, var: Tensor, finite: Tensor, num_positions: int,
                derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]],
                count_positions: bool = False) -> None:
-        """Writes one call's statistics into the pending slot, merging with earlier calls in it.
+        """Makes one call's statistics the pending entry, merging with earlier calls in it.
 
-        Merging weights each call by its number of positions, so the slot holds the statistics (and
-        derivatives, which are also means over positions) of all positions seen this iteration.
-        A non-finite first call is stored as zeros marked invalid (infinite age, never used); a
-        non-finite later call leaves the slot as it was. ``count_positions``: keep the slot's
-        number of positions on the device (synchronised CBN pools entries by it).
+        Merging weights each call by its number of positions, so the entry holds the statistics
+        (and derivatives, which are also means over positions) of all positions seen this
+        iteration. A non-finite first call is stored as zeros marked invalid (infinite age, never
+        used); a non-finite later call leaves the entry as it was. ``count_positions``: keep the
+        entry's number of positions on the device (synchronised CBN pools entries by it).
         """
         assert self.pending
         self._allocate(mean.shape[0], mean.device, mean.dtype)
@@ -172,36 +189,36 @@ class MomentWindow(ScratchTensors):
         total = n_old + num_positions
 
         def merged(old: Tensor, new: Tensor) -> Tensor:
-            """Position-weighted mean with the slot's earlier calls; a non-finite call adds nothing."""
+            """Position-weighted mean with the entry's earlier calls; a non-finite call adds
+            nothing."""
             return torch.where(finite, (n_old * old + num_positions * new) / total, old)
 
         if first:
             row = torch.cat([mean, var, torch.addcmul(var, mean, mean), self.zero.view(1)])
-            self._write(self.stats, 0, torch.where(finite, row, self.invalid))
+            self.pending_stats = torch.where(finite, row, self.invalid)  # age 0
         else:
-            old = self._read(self.stats, 0)
+            old = self.pending_stats
             channels = mean.shape[0]
             old_mean, old_var = old[:channels], old[channels:2 * channels]
             spread = (n_old * num_positions / total**2) * (old_mean - mean)**2
             new_mean = merged(old_mean, mean)
             new_var = torch.where(finite, merged(old_var, var) + spread, old_var)
-            self._write(self.stats, 0, torch.cat([
-                new_mean, new_var, torch.addcmul(new_var, new_mean, new_mean), old[-1:]]))
+            self.pending_stats = torch.cat([
+                new_mean, new_var, torch.addcmul(new_var, new_mean, new_mean), old[-1:]])
         if count_positions:
-            self.positions.index_fill_(0, self.cursor, float(total))
+            self.pending_positions_tensor = torch.full_like(self.zero, float(total))
 
         if derivatives is not None and (first or self.pending_compensable):
             patch_mean, sqmean_grad, excess = derivatives
             if first:
-                self._write_derivatives(patch_mean, sqmean_grad, excess, finite)
+                self._set_derivatives(patch_mean, sqmean_grad, excess, finite)
             else:
-                old = self._read(self.derivatives, 1)
-                self._write_derivatives(
+                old = self.pending_derivatives
+                self._set_derivatives(
                     merged(old[:self._groups], patch_mean), merged(old[self._groups:], sqmean_grad),
-                    None if excess is None else merged(self._read(self.excess, 0), excess))
+                    None if excess is None else merged(self.pending_excess, excess))
         elif first or self.pending_compensable:
             self.pending_compensable = False
-            self._set_cursor_compensable(False)
         self.pending_positions = total
         self.pending_calls += 1
 
@@ -211,25 +228,18 @@ class MomentWindow(ScratchTensors):
         (e.g. the no-grad first pass of gradient checkpointing, before its recomputation)."""
         if not self.pending or self.pending_compensable or self.pending_calls != 1:
             return
-        self._write_derivatives(*derivatives, finite)
+        self._set_derivatives(*derivatives, finite)
 
-    def _write_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor,
-                           excess: Optional[Tensor], finite: Optional[Tensor] = None) -> None:
-        """Stores the pending slot's derivatives; with ``finite`` given, a non-finite batch's as
-        zeros (the backward contracts over every slot, where a NaN would reach the conv's
-        gradient)."""
-        self._allocate_derivatives(patch_mean, sqmean_grad)
+    def _set_derivatives(self, patch_mean: Tensor, sqmean_grad: Tensor,
+                         excess: Optional[Tensor], finite: Optional[Tensor] = None) -> None:
+        """The pending entry's derivatives; with ``finite`` given, a non-finite batch's as zeros
+        (the backward contracts over every slot, where a NaN would reach the conv's gradient)."""
+        stacked = torch.cat([patch_mean, sqmean_grad])
+        self._allocate_derivatives(stacked, patch_mean.shape[0])
         if excess is not None and self.excess is None:
             self.excess = torch.zeros_like(self.mean)
-        for ring, dim, new in ((self.derivatives, 1, torch.cat([patch_mean, sqmean_grad])),
-                               (self.excess, 0, excess)):
-            if new is not None:
-                self._write(ring, dim, new if finite is None else torch.where(finite, new, self.zero))
+        if finite is not None:
+            stacked = torch.where(finite, stacked, self.zero)
+            excess = None if excess is None else torch.where(finite, excess, self.zero)
+        self.pending_derivatives, self.pending_excess = stacked, excess
         self.pending_compensable = True
-        self._set_cursor_compensable(True)
-
-    def _set_cursor_compensable(self, compensable: bool) -> None:
-        """``compensable_mask`` at ``cursor``, written only when it changes (known on the host)."""
-        if compensable != self.cursor_compensable:
-            self.cursor_compensable = compensable
-            self.compensable_mask.index_fill_(0, self.cursor, float(compensable))
