@@ -20,8 +20,11 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(MMCV_BUILD_ENV) $(BIN)/pip install -c constraints.txt --no-build-isolation -e ".[tests]"
 	touch $(STAMP)
 
+# two test processes on the two cores (the end-to-end tool tests are single-threaded
+# subprocesses); the ten slowest tests are listed so that creep shows
 test: install
-	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS) tests
+	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n 2 \
+		--durations=10 $(PYTEST_ARGS) tests
 
 demo: install
 	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(BIN)/python tools/demo.py

@@ -153,21 +153,35 @@ def test_buffers_hold_the_statistics_at_the_current_weights_after_every_step(tra
     assert sum(lag > 1e-3 for lag in lags) >= 15, lags
 
 
+def _assert_means_are_the_reference(modules, recorder, cbns):
+    """Each layer's running mean (in ``modules``, in the order of ``cbns``) is the float64
+    recomputation of the EMA at the final weights: the readers below read real statistics."""
+    for m, cbn in zip(modules, cbns):
+        torch.testing.assert_close(m.running_mean.double(), recorder.references[-1][cbn],
+                                   rtol=1e-4, atol=1e-5)
+
+
+def _norms(model):
+    return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
 def test_state_dict_from_train_mode_loads_into_a_bn_model_with_equal_outputs(trained):
-    model, _, _ = trained
+    model, _, recorder = trained
     state = model.state_dict()
     assert model.training
     bn_model = ResNetClassifier(dict(type='BN', momentum=MOMENTUM))
     bn_model.load_state_dict(state, strict=True)
+    _assert_means_are_the_reference(_norms(bn_model), recorder, _cbns(model))
     x = _images()
     torch.testing.assert_close(_eval_outputs(bn_model, x), _eval_outputs(model, x), rtol=0,
                                atol=0)
 
 
 def test_convert_cbn_to_bn_from_train_mode_gives_the_eval_outputs(trained):
-    model, _, _ = trained
+    model, _, recorder = trained
     deploy = convert_cbn_to_bn(copy.deepcopy(model))
     assert not _cbns(deploy)
+    _assert_means_are_the_reference(_norms(deploy), recorder, _cbns(model))
     x = _images()
     torch.testing.assert_close(_eval_outputs(deploy, x), _eval_outputs(model, x), rtol=0, atol=0)
 

@@ -68,8 +68,8 @@ def test_dist_train_with_two_cpu_processes(tiny_shapes, tmp_path):
     out = _run(['bash', 'tools/dist_train.sh', DEMO_CFG, '2', '--work-dir', work,
                 '--cfg-options', *_data_options(tiny_shapes, iters=2)],
                env=dict(PORT=str(free_port()), MASTER_ADDR='127.0.0.1'))
-    assert "'world_size': 2" in out or 'world_size: 2' in out or 'Distributed launcher: pytorch' \
-        in out, out[-3000:]
+    # the runner's own count of processes (mmengine logs its world size as 'GPU number')
+    assert 'GPU number: 2' in out, out[-3000:]
     assert osp.exists(osp.join(work, 'iter_2.pth'))
     with open(next(osp.join(work, d, 'vis_data', 'scalars.json') for d in os.listdir(work)
                    if osp.isdir(osp.join(work, d, 'vis_data')))) as f:
@@ -78,12 +78,24 @@ def test_dist_train_with_two_cpu_processes(tiny_shapes, tmp_path):
 
 
 def test_mmdets_own_train_script_with_custom_imports(tiny_shapes, tmp_path):
+    """mmdet's train.py trains with custom_imports alone; its --resume needs what the README says
+    on torch >= 2.6 (TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1), and works with it."""
     import mmdet
     script = osp.join(osp.dirname(mmdet.__file__), '.mim', 'tools', 'train.py')
     work = str(tmp_path / 'mmdet')
     out = _run([sys.executable, script, DEMO_CFG, '--work-dir', work, '--cfg-options',
                 *_data_options(tiny_shapes, iters=2)], cwd=str(tmp_path))
     assert 'CBNHook: 28 CBN layers driven' in out and osp.exists(osp.join(work, 'iter_2.pth'))
+    resume = [sys.executable, script, DEMO_CFG, '--work-dir', work, '--resume', '--cfg-options',
+              *_data_options(tiny_shapes, iters=3)]
+    if tuple(int(v) for v in torch.__version__.split('.')[:2]) >= (2, 6):
+        env = {k: v for k, v in os.environ.items() if k != 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'}
+        env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
+        proc = subprocess.run(resume, cwd=str(tmp_path), env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode != 0 and 'HistoryBuffer' in proc.stderr, proc.stderr[-3000:]
+    _run(resume, cwd=str(tmp_path), env=dict(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1'))
+    assert osp.exists(osp.join(work, 'iter_3.pth'))
 
 
 def test_missing_coco_gives_one_clear_error(tmp_path):

@@ -1,0 +1,177 @@
+"""Mutation check: deliberate breaks, each applied to a temporary copy of the project, and the
+tests named for it run there; a break that no test catches is reported as surviving.
+
+Each break is one exact text replacement in one file. A break whose text is no longer in its
+file is reported as stale (the list must follow the code). Runs the named tests only, one break
+at a time, each in a fresh copy; about 4-8 minutes on 2 cores.
+
+Usage: python tools/mutation_check.py [--only NAME ...] [--list]
+Exit status: 0 when every break was caught, 1 otherwise.
+"""
+import argparse
+import os
+import os.path as osp
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import NamedTuple, Tuple
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+COPIED = ('mmcbn', 'tools', 'tests', 'configs', 'setup.cfg')
+
+
+class Break(NamedTuple):
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: Tuple[str, ...]
+
+
+BREAKS = [
+    Break('dist_train launches one process', 'tools/dist_train.sh',
+          '--nproc_per_node=$GPUS', '--nproc_per_node=1',
+          ('tests/test_tools.py::test_dist_train_with_two_cpu_processes', )),
+    Break('bf16 batch statistics rounded to bf16', 'mmcbn/layers/conv_moments.py',
+          '    return torch.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)',
+          '    mean, var = torch.batch_norm_update_stats(y, scratch_mean, scratch_var, 0.0)\n'
+          '    return mean.bfloat16().float(), var.bfloat16().float()',
+          ('tests/test_layer.py::test_autocast_bfloat16_keeps_statistics_in_float32', )),
+    Break('a stored window entry in use raises', 'mmcbn/layers/iteration_state.py',
+          '    weights = window.in_window(len(compensable))',
+          '    raise RuntimeError("a window entry is used")',
+          ('tests/test_configs.py::test_demo_config_trains_with_its_window', )),
+    Break('running-statistic update switched off', 'mmcbn/layers/running_stats.py',
+          '    n = num_positions\n', '    return\n    n = num_positions\n',
+          ('tests/test_layer.py::test_eval_is_batchnorm_with_running_stats',
+           'tests/test_layer.py::test_non_finite_batch_never_enters_running_stats_during_burn_in',
+           'tests/test_running_stat_readers.py::'
+           'test_state_dict_from_train_mode_loads_into_a_bn_model_with_equal_outputs',
+           'tests/test_running_stat_readers.py::'
+           'test_convert_cbn_to_bn_from_train_mode_gives_the_eval_outputs')),
+    Break('compensated mean without the bias', 'mmcbn/layers/conv_moments.py',
+          '        mean_hat = mean_hat + b', '        mean_hat = mean_hat + 0 * b',
+          ('tests/test_layer.py::test_matches_float64_reference', )),
+    Break('no clamp of a compensated second moment', 'mmcbn/layers/normalize.py',
+          '        kept = share * (var_hat >= 0)', '        kept = share + 0 * var_hat',
+          ('tests/test_layer.py::test_clamped_entries_match_float64_reference', )),
+    Break('window gradient: mean term dropped', 'mmcbn/layers/normalize.py',
+          '    neg_grad_mean = torch.addcmul(terms.share * neg_base, terms.clamped_mean, u)',
+          '    neg_grad_mean = terms.clamped_mean * u',
+          ('tests/test_layer.py::test_matches_float64_reference', )),
+    Break("BN backward without the batch's (1 - 1/k) share", 'mmcbn/layers/normalize.py',
+          '                grad_x = grad_x.addcmul_(grad_out, coef)', '                pass',
+          ('tests/test_layer.py::test_matches_float64_reference', )),
+    Break('merged calls without the spread between them', 'mmcbn/layers/window.py',
+          '            spread = (n_old * num_positions / total**2) * (old_mean - mean)**2',
+          '            spread = 0.0',
+          ('tests/test_layer.py::test_shared_layer_in_one_iteration_merges_into_one_entry', )),
+    Break('non-finite batch recorded', 'mmcbn/layers/window.py',
+          '            self.pending_stats = torch.where(finite, row, self.invalid)  # age 0',
+          '            self.pending_stats = row',
+          ('tests/test_layer.py::test_non_finite_batch_never_enters_the_window_or_running_stats',
+           )),
+    Break('window one entry short', 'mmcbn/layers/window.py',
+          '        torch.le(self.age, num_entries, out=self.uses[1:])',
+          '        torch.lt(self.age, num_entries, out=self.uses[1:])',
+          ('tests/test_layer.py::test_matches_float64_reference', )),
+    Break('the pending entry joins the window without ageing', 'mmcbn/layers/window.py',
+          '            self.age.add_(1.0)', '            pass',
+          ('tests/test_layer.py::test_matches_float64_reference', )),
+    Break('norm-act conversion drops the activation', 'mmcbn/converters.py',
+          '        return self.act(self.drop(super().forward(input)))',
+          '        return self.drop(super().forward(input))',
+          ('tests/test_converters.py', )),
+    Break('BN subclasses converted whatever they add', 'mmcbn/converters.py',
+          '            problem = _plain_bn_problem(m)', '            problem = None',
+          ('tests/test_converters.py', )),
+    Break('momentum=None reads the counter back to the host', 'mmcbn/layers/running_stats.py',
+          '            self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()',
+          '            1.0 / float(self.num_batches_tracked)',
+          ('tests/test_step_census.py', )),
+    Break('eps accepted when not finite', 'mmcbn/utils/validation.py',
+          '    if not math.isfinite(value) or (positive and not value > 0):',
+          '    if positive and not value > 0:',
+          ('tests/test_layer.py::test_bad_arguments_name_the_argument', )),
+    Break('graph binding on a torch without the saved-tensor hook query', 'mmcbn/layers/binding.py',
+          "    if hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'):",
+          '    if True:',
+          ('tests/test_torch_support.py', )),
+    Break('burn-in skipped', 'mmcbn/engine/hooks/cbn_hook.py',
+          '        if self.in_burnin(runner):\n            return 1',
+          '        if False:\n            return 1',
+          ('tests/test_hook.py', )),
+    Break('linear growth one step ahead', 'mmcbn/engine/hooks/cbn_hook.py',
+          '        done = runner.iter - self.burnin_end_iter(runner) + 1',
+          '        done = runner.iter - self.burnin_end_iter(runner) + 2',
+          ('tests/test_hook.py', )),
+    Break('running statistics not moved to the new weights', 'mmcbn/layers/running_stats.py',
+          '        torch._foreach_add_([running_mean, running_var], [d_mean, d_var])',
+          '        pass',
+          ('tests/test_running_stats.py', )),
+    Break('a compiled step recompiles every iteration', 'mmcbn/layers/cross_iteration_bn.py',
+          '        if not self._counts_iterations and self._effective_window > 1:',
+          '        if self._iteration is None and self._effective_window > 1:',
+          ('tests/test_compile.py::'
+           'test_compiled_block_is_one_graph_compiled_once_and_equals_eager', )),
+]
+
+
+def _copy_project(dest: str) -> None:
+    for name in COPIED:
+        src = osp.join(ROOT, name)
+        if osp.isdir(src):
+            shutil.copytree(src, osp.join(dest, name),
+                            ignore=shutil.ignore_patterns('__pycache__', '*.egg-info'))
+        else:
+            shutil.copy2(src, dest)
+
+
+def run_break(brk: Break) -> Tuple[str, float]:
+    """Applies ``brk`` in a fresh copy and runs its tests: 'caught', 'SURVIVED' or 'STALE'."""
+    with open(osp.join(ROOT, brk.path)) as f:
+        text = f.read()
+    if text.count(brk.old) != 1:
+        return 'STALE', 0.0
+    with tempfile.TemporaryDirectory(prefix='mutation_') as tmp:
+        _copy_project(tmp)
+        with open(osp.join(tmp, brk.path), 'w') as f:
+            f.write(text.replace(brk.old, brk.new))
+        env = dict(os.environ, PYTHONPATH=tmp, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
+        start = time.perf_counter()
+        proc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
+                               *brk.tests], cwd=tmp, env=env, capture_output=True, text=True,
+                              timeout=600)
+        elapsed = time.perf_counter() - start
+    # pytest: 0 all passed (the break survived), 1 a test failed (caught); anything else is an
+    # error of the run itself (a collection error also means the break was noticed)
+    return ('SURVIVED' if proc.returncode == 0 else 'caught'), elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--only', nargs='*', help='run only the breaks whose name contains one '
+                        'of these words')
+    parser.add_argument('--list', action='store_true', help='list the breaks and exit')
+    args = parser.parse_args()
+    breaks = [b for b in BREAKS if not args.only or any(w in b.name for w in args.only)]
+    if args.list:
+        for b in breaks:
+            print(f'{b.name}: {b.path} -> {", ".join(b.tests)}')
+        return 0
+    print('| break | file | tests | result | s |')
+    print('|---|---|---|---|---:|')
+    bad = 0
+    for b in breaks:
+        result, elapsed = run_break(b)
+        bad += result != 'caught'
+        tests = ', '.join(t.split('::')[-1] for t in b.tests)
+        print(f'| {b.name} | {b.path} | {tests} | {result} | {elapsed:.0f} |', flush=True)
+    print(f'{len(breaks) - bad} of {len(breaks)} breaks caught')
+    return 1 if bad else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
