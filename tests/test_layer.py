@@ -19,16 +19,19 @@ CONV_SHAPES = [
 
 
 def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
-                             running_stats_source='batch', window_grad=True, seed=0, affine=True):
+                             running_stats_source='batch', window_grad=True, seed=0, affine=True,
+                             layer_window_size=None):
     torch.manual_seed(seed)
     cin, cout, k, s, p, d, g, bias = shape
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
     # the reference keeps BN's plain EMA; the compensated running statistics have their own
     # reference in test_running_stats.py
-    cbn = CrossIterationBatchNorm2d(cout, window_size=window_size, compensation=compensation,
+    cbn = CrossIterationBatchNorm2d(cout, window_size=layer_window_size or window_size,
+                                    compensation=compensation,
                                     running_stats_source=running_stats_source,
                                     window_grad=window_grad, affine=affine,
                                     compensate_running_stats=False).double()
+    cbn.effective_window = window_size  # below the layer's window_size: the newest entries
     if affine:
         nn.init.uniform_(cbn.weight, 0.5, 1.5)
         nn.init.uniform_(cbn.bias, -0.5, 0.5)
@@ -85,6 +88,13 @@ def test_matches_float64_reference(shape, window_size, bind, window_grad):
                                    window_grad=window_grad)
     assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
     assert cbn.binding is not None
+
+
+def test_effective_window_below_the_ring_uses_the_newest_entries():
+    """A layer of window 6 run at effective window 3 (window growth) is the window-3 reference:
+    the entries it uses are the two newest, by age."""
+    cbn = _train_against_reference(CONV_SHAPES[0], 3, True, True, steps=8, layer_window_size=6)
+    assert cbn.window_stats()['mean'].shape[0] == 2
 
 
 @pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])

@@ -4,7 +4,7 @@ import warnings
 import torch
 from torch import nn
 
-from mmcbn import CrossIterationBatchNorm2d
+from mmcbn import CrossIterationBatchNorm2d, convert_cbn_to_bn
 
 
 def _train(model, cbn, steps=4):
@@ -48,3 +48,35 @@ def test_structural_binding_needs_no_graph_api(monkeypatch):
     stats = cbn.window_stats()
     assert stats['mean'].shape[0] == 2
     assert (stats['mean'] - stats['raw_mean']).abs().max() > 1e-4
+
+
+def test_import_time_effects_are_undone_and_the_optimizer_hook_leaves_with_its_layers(
+        monkeypatch):
+    import gc
+
+    import mmengine.model
+    import mmengine.runner.runner
+
+    import mmcbn
+    from mmcbn.layers import running_stats
+    mmcbn.uninstall_sync_bn_support()
+    try:
+        for namespace in (mmengine.model, mmengine.runner.runner):
+            assert not hasattr(namespace.convert_sync_batchnorm, '__wrapped_by_mmcbn__')
+        synced = mmengine.model.convert_sync_batchnorm(CrossIterationBatchNorm2d(4))
+        assert type(synced) is torch.nn.SyncBatchNorm  # mmengine's own behaviour again
+    finally:
+        mmcbn.engine.sync_batchnorm.install()
+    assert mmengine.model.convert_sync_batchnorm(CrossIterationBatchNorm2d(4)).sync
+    # the process-wide optimizer hook follows the layers that need it, and leaves after them
+    import weakref
+    monkeypatch.setattr(running_stats, '_following_layers', weakref.WeakSet())
+    monkeypatch.setattr(running_stats, '_optimizer_hook', None)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4))
+    model[1].bind(model[0])
+    assert running_stats._optimizer_hook is not None
+    model(torch.randn(2, 3, 8, 8)).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert running_stats._optimizer_hook is not None  # the layer follows the steps
+    convert_cbn_to_bn(model)  # unbinds: no layer left to follow
+    assert running_stats._optimizer_hook is None

@@ -11,6 +11,7 @@ Exit status: 0 when every break was caught, 1 otherwise.
 import argparse
 import os
 import os.path as osp
+import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ class Break(NamedTuple):
     old: str
     new: str
     tests: Tuple[str, ...]
+    every: bool = False  # caught only if every named test fails (else: if any fails)
 
 
 BREAKS = [
@@ -50,7 +52,7 @@ BREAKS = [
            'tests/test_running_stat_readers.py::'
            'test_state_dict_from_train_mode_loads_into_a_bn_model_with_equal_outputs',
            'tests/test_running_stat_readers.py::'
-           'test_convert_cbn_to_bn_from_train_mode_gives_the_eval_outputs')),
+           'test_convert_cbn_to_bn_from_train_mode_gives_the_eval_outputs'), True),
     Break('compensated mean without the bias', 'mmcbn/layers/conv_moments.py',
           '        mean_hat = mean_hat + b', '        mean_hat = mean_hat + 0 * b',
           ('tests/test_layer.py::test_matches_float64_reference', )),
@@ -79,7 +81,7 @@ BREAKS = [
           ('tests/test_layer.py::test_matches_float64_reference', )),
     Break('the pending entry joins the window without ageing', 'mmcbn/layers/window.py',
           '            self.age.add_(1.0)', '            pass',
-          ('tests/test_layer.py::test_matches_float64_reference', )),
+          ('tests/test_layer.py::test_effective_window_below_the_ring_uses_the_newest_entries', )),
     Break('norm-act conversion drops the activation', 'mmcbn/converters.py',
           '        return self.act(self.drop(super().forward(input)))',
           '        return self.drop(super().forward(input))',
@@ -141,13 +143,18 @@ def run_break(brk: Break) -> Tuple[str, float]:
             f.write(text.replace(brk.old, brk.new))
         env = dict(os.environ, PYTHONPATH=tmp, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1')
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, '-m', 'pytest', '-x', '-q', '-p', 'no:cacheprovider',
-                               *brk.tests], cwd=tmp, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                               *(() if brk.every else ('-x', )), *brk.tests], cwd=tmp, env=env,
+                              capture_output=True, text=True, timeout=600)
         elapsed = time.perf_counter() - start
     # pytest: 0 all passed (the break survived), 1 a test failed (caught); anything else is an
     # error of the run itself (a collection error also means the break was noticed)
-    return ('SURVIVED' if proc.returncode == 0 else 'caught'), elapsed
+    if proc.returncode == 0:
+        return 'SURVIVED', elapsed
+    passed = re.search(r'(\d+) passed', proc.stdout)
+    if brk.every and passed:
+        return f'{passed.group(1)} of its tests SURVIVED', elapsed
+    return 'caught', elapsed
 
 
 def main() -> int:

@@ -33,12 +33,23 @@ def _wrap(original):
     return convert_sync_batchnorm
 
 
+_NAMESPACES = (mmengine.model.utils, mmengine.model, mmengine.runner.runner)
+
+
 def install() -> None:
     """Wraps mmengine's ``convert_sync_batchnorm`` (idempotent)."""
     current = mmengine.model.utils.convert_sync_batchnorm
     if getattr(current, '__wrapped_by_mmcbn__', False):
         return
     wrapped = _wrap(current)
-    mmengine.model.utils.convert_sync_batchnorm = wrapped
-    mmengine.model.convert_sync_batchnorm = wrapped
-    mmengine.runner.runner.convert_sync_batchnorm = wrapped
+    for namespace in _NAMESPACES:
+        namespace.convert_sync_batchnorm = wrapped
+
+
+def uninstall() -> None:
+    """Gives mmengine back its own ``convert_sync_batchnorm`` (CBN layers then become SyncBN
+    under ``cfg.sync_bn``, as any ``_BatchNorm``)."""
+    current = mmengine.model.utils.convert_sync_batchnorm
+    if getattr(current, '__wrapped_by_mmcbn__', False):
+        for namespace in _NAMESPACES:
+            namespace.convert_sync_batchnorm = current.__wrapped__

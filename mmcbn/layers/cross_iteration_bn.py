@@ -15,7 +15,8 @@ from .distributed import is_distributed
 from .iteration_state import (BatchStatistics, IterationState, batch_statistics, describe_window,
                               start_iteration, window_average)
 from .normalize import NormalizeWithWindow
-from .running_stats import CompensatedRunningStats, RunningDrift, follow_optimizer_steps
+from .running_stats import (CompensatedRunningStats, RunningDrift, follow_optimizer_steps,
+                            stop_following)
 from ..utils.validation import (check_bool, check_choice, check_int, check_number,
                                 check_process_group)
 from .window import MomentWindow
@@ -200,6 +201,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         """Removes the binding; ``reason`` marks the layer as not compensable (with a warning)."""
         self._link.unbind(reason)
         self._drift.clear()
+        stop_following(self)
 
     def _capture_conv_io(self, conv: nn.Module, args: tuple, output: Tensor) -> None:
         if self.training:

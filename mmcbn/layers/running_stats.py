@@ -200,6 +200,17 @@ def follow_optimizer_steps(layer) -> None:
     _following_layers.add(layer)
 
 
+def stop_following(layer) -> None:
+    """Stops calling ``layer._export()`` after optimizer steps; the hook itself goes with the last
+    layer that unbinds (not from inside a step: torch iterates its hooks while calling them, and
+    a layer that is garbage-collected leaves a hook that does nothing)."""
+    global _optimizer_hook
+    _following_layers.discard(layer)
+    if not _following_layers and _optimizer_hook is not None:
+        _optimizer_hook.remove()
+        _optimizer_hook = None
+
+
 def _export_after_step(optimizer, args, kwargs) -> None:
     for layer in list(_following_layers):
         layer._export()
