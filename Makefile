@@ -8,7 +8,7 @@ STAMP := $(VENV)/.mmcbn-installed
 MMCV_BUILD_ENV := MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=2 CFLAGS="-DNDEBUG -fwrapv -O3 -Wall"
 PYTEST_ARGS ?=
 
-.PHONY: install test demo clean
+.PHONY: install test demo compat clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ test: install
 
 demo: install
 	TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1 $(BIN)/python tools/demo.py
+
+# the oldest supported torch (2.1) in a side environment: tools/compat_check.sh
+compat:
+	bash tools/compat_check.sh
 
 clean:
 	rm -rf build *.egg-info work_dirs data/demo_shapes

@@ -31,7 +31,8 @@ def _run(args, timeout=600):
 
 
 def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
-    out = _run(['tools/compare_norms.py', '--iters', '2', '--variants', 'BN-2', 'GN-2',
+    out = _run(['tools/compare_norms.py', '--iters', '2', '--precise-images', '4', '--variants',
+                'BN-2', 'GN-2',
                 '--data-root', tiny_shapes, '--work-dir', str(tmp_path)])
     results = json.load(open(tmp_path / 'results.json'))
     assert {r['variant'] for r in results} == {'BN-2', 'GN-2'}

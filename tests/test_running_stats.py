@@ -174,8 +174,9 @@ def test_memory_is_one_weight_sized_tensor_per_layer():
     conv, norm, _ = _train(3, 0.1)
     floats = norm.running_stats_nbytes() / 8
     weight = conv.weight.numel()
-    # var_grad (|W|) + patch mean (|W| / C_out) + three per-channel vectors and a scalar
-    assert floats == weight + weight // conv.out_channels * conv.groups + 2 * 6 + 1
+    # var_grad (|W|) + patch mean (|W| / C_out) + two per-channel vectors, the EMA of 1 and the
+    # constant 1 it moves toward
+    assert floats == weight + weight // conv.out_channels * conv.groups + 2 * 6 + 2
 
 
 def test_window_source_refuses_explicit_compensation():

@@ -86,15 +86,17 @@ def test_mmdets_own_train_script_with_custom_imports(tiny_shapes, tmp_path):
     out = _run([sys.executable, script, DEMO_CFG, '--work-dir', work, '--cfg-options',
                 *_data_options(tiny_shapes, iters=2)], cwd=str(tmp_path))
     assert 'CBNHook: 28 CBN layers driven' in out and osp.exists(osp.join(work, 'iter_2.pth'))
-    resume = [sys.executable, script, DEMO_CFG, '--work-dir', work, '--resume', '--cfg-options',
-              *_data_options(tiny_shapes, iters=3)]
     if tuple(int(v) for v in torch.__version__.split('.')[:2]) >= (2, 6):
+        # what mmdet's --resume / load_from call, mmengine's own loader, without the variable
         env = {k: v for k, v in os.environ.items() if k != 'TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD'}
-        env.update(PYTHONPATH=ROOT, OMP_NUM_THREADS='1')
-        proc = subprocess.run(resume, cwd=str(tmp_path), env=env, capture_output=True, text=True,
-                              timeout=300)
+        load = ('from mmengine.runner.checkpoint import load_checkpoint; import torch; '
+                f'load_checkpoint(torch.nn.Linear(1, 1), {osp.join(work, "iter_2.pth")!r})')
+        proc = subprocess.run([sys.executable, '-c', load], env=env, capture_output=True,
+                              text=True, timeout=300)
         assert proc.returncode != 0 and 'HistoryBuffer' in proc.stderr, proc.stderr[-3000:]
-    _run(resume, cwd=str(tmp_path), env=dict(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1'))
+    _run([sys.executable, script, DEMO_CFG, '--work-dir', work, '--resume', '--cfg-options',
+          *_data_options(tiny_shapes, iters=3)], cwd=str(tmp_path),
+         env=dict(TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD='1'))
     assert osp.exists(osp.join(work, 'iter_3.pth'))
 
 

@@ -120,7 +120,7 @@ MAIN_VARIANTS = list(VARIANTS)
 VARIANTS.update(_window_grad_grid())
 
 
-def _evaluate_three_ways(runner, plain_stats):
+def _evaluate_three_ways(runner, plain_stats, precise_images=PRECISE_IMAGES):
     """mAPs with the plain EMA, the compensated EMA and precise statistics (one training run)."""
     model = runner.model
     results = {}
@@ -131,7 +131,7 @@ def _evaluate_three_ways(runner, plain_stats):
     def forward(module, batch):
         return module(**module.data_preprocessor(batch, True), mode='loss')
 
-    batches = PRECISE_IMAGES // runner.train_dataloader.batch_size
+    batches = max(1, precise_images // runner.train_dataloader.batch_size)
     report = recompute_running_stats(model, loader_batches(runner.train_dataloader), forward,
                                      batches)
     print(f'precise statistics: {report.num_layers} layers, {report.num_batches} batches, '
@@ -178,7 +178,7 @@ def variant_config(key, seed, work_dir, iters=None, data_root=None):
     return cfg
 
 
-def run_one(key, seed, work_dir, iters=None, data_root=None):
+def run_one(key, seed, work_dir, iters=None, data_root=None, precise_images=PRECISE_IMAGES):
     cfg = variant_config(key, seed, work_dir, iters, data_root)
     if not data_root:
         generate_shapes(cfg.train_dataloader.dataset.data_root.rstrip('/'))
@@ -188,7 +188,7 @@ def run_one(key, seed, work_dir, iters=None, data_root=None):
     runner.train()
     train_seconds = time.time() - start
     has_bn = any(isinstance(m, _BatchNorm) for m in runner.model.modules())
-    evals = _evaluate_three_ways(runner, plain_stats) if has_bn else {
+    evals = _evaluate_three_ways(runner, plain_stats, precise_images) if has_bn else {
         'EMA': runner.val_loop.run()}
     return dict(variant=key, seed=seed, train_seconds=round(train_seconds, 1),
                 **{f'{stats}/{metric}': float(values[f'coco/{metric}_mAP'])
@@ -269,6 +269,8 @@ def main():
     parser.add_argument('--data-root', default=None,
                         help='another COCO-format shapes set (default: the demo set, generated '
                         'on first use)')
+    parser.add_argument('--precise-images', type=int, default=PRECISE_IMAGES,
+                        help='training images the precise statistics are re-estimated over')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch threads (default: every core)')
     args = parser.parse_args()
@@ -279,7 +281,8 @@ def main():
         for key in args.variants:
             if any(r['variant'] == key and r['seed'] == seed for r in _results(results_file)):
                 continue
-            result = run_one(key, seed, args.work_dir, args.iters, args.data_root)
+            result = run_one(key, seed, args.work_dir, args.iters, args.data_root,
+                             args.precise_images)
             results = _results(results_file, add=result)
             print(table(results), flush=True)
     results = _results(results_file)

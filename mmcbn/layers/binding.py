@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .conv_moments import ConvGeometry, PositionSample, identity_excess, moment_derivatives
+from .torch_features import graph_input_unsupported
 
 #: ``forward`` functions of ``nn.Conv2d`` subclasses known to compute a plain conv with
 #: ``self.weight``. Extend it to allow another wrapper.
@@ -166,20 +167,6 @@ class GraphBinding:
     binding: Optional[ConvBinding] = None
     reason: str = ''
     nothing_to_compensate: bool = False
-
-
-def graph_input_unsupported() -> Optional[str]:
-    """None if this torch lets a layer read a conv's input off the autograd graph safely, else why
-    not. Reading a saved input is safe only when no saved-tensor hook is active (under
-    non-reentrant checkpointing the read would recompute the region), and only torch's
-    ``_top_saved_tensors_default_hooks`` (torch >= 2.2) tells; without it a layer bound from the
-    graph could never record derivatives."""
-    if hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'):
-        return None
-    return (f'torch {torch.__version__} cannot tell whether reading a conv\'s input off the '
-            'autograd graph is safe (no torch._C._autograd._top_saved_tensors_default_hooks, '
-            'added in torch 2.2), so the conv cannot be bound from the graph; bind it '
-            'structurally (convert_bn_to_cbn, bind_cbn_layers, CBNHook) or with layer.bind(conv)')
 
 
 def binding_from_graph(output: Tensor) -> GraphBinding:

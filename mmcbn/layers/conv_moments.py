@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .torch_features import is_compiling
+
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -81,7 +83,7 @@ def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
     faster on CPU than ``var_mean`` over dims (0, 2, 3)). Half/bfloat16 input is reduced in float32:
     the float32 scratch buffers passed in make the kernel accumulate and return float32.
     """
-    if torch.compiler.is_compiling():  # the BN kernel has no shape function for the compiler
+    if is_compiling():  # the BN kernel has no shape function for the compiler
         var, mean = torch.var_mean(y.to(torch.promote_types(y.dtype, torch.float32)),
                                    dim=(0, 2, 3), correction=0)
         return mean, var

@@ -19,6 +19,7 @@ from .running_stats import (CompensatedRunningStats, RunningDrift, follow_optimi
                             stop_following)
 from ..utils.validation import (check_bool, check_choice, check_int, check_number,
                                 check_process_group)
+from .torch_features import is_compiling
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -291,7 +292,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if self.training and not torch.compiler.is_compiling():
+        if self.training and not is_compiling():
             self._export()  # the weights changed without an optimizer step (version counters)
         # a window of 1 (burn-in) takes the same path, so that a non-finite batch enters neither
         # the running statistics nor their compensation there either
@@ -341,9 +342,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         record = state is not None and window.capacity > 0
         derivatives = None
         if derivable and ((compensate_now and record) or tracks_drift):
-            # the excess of a sampled derivative is a window quantity: computed only to record
-            derivatives = self._derivatives(conv_input, input,
-                                            batch if record and compensate_now else None)
+            derivatives = self._derivatives(conv_input, input, batch)
         if record:
             if not window.pending:
                 window.open_pending()
@@ -360,7 +359,7 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         if self._effective_window == 1:
             return None, False
         state = self._state
-        compiling = torch.compiler.is_compiling()
+        compiling = is_compiling()
         # a call from inside a backward pass is a gradient checkpoint's recomputation of a call
         # this iteration already made (known on the host: comparing statistics would sync);
         # without `iteration`, unless the conv's weight changed in place since

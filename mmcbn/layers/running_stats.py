@@ -31,6 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .conv_moments import channel_dots
 from .iteration_state import BatchStatistics, IterationState
 from .scratch_tensors import ScratchTensors
+from .torch_features import is_compiling
 
 
 @torch.no_grad()
@@ -59,7 +60,7 @@ class RunningDrift(ScratchTensors):
     ``bias_weight`` ``[]``, ``mean_at_own`` ``[C]``, ``var_at_own`` ``[C]``, each a view of it), so
     a step's update is one masked blend and one in-place ``lerp_`` whatever the conv's shape.
     """
-    tensor_names = ('state', )
+    tensor_names = ('state', 'one')
 
     def __init__(self) -> None:
         self.clear()
@@ -67,6 +68,7 @@ class RunningDrift(ScratchTensors):
     def clear(self) -> None:
         """Forgets every tracked iteration (the running statistics then count as current)."""
         self.state: Optional[Tensor] = None
+        self.one: Optional[Tensor] = None  # [1] the EMA's weight of the bias, for one batch
         #: the bound parameters' version counters where the drift is zero (see :meth:`stale`)
         self.versions: Optional[Tuple[int, int]] = None
         self._shape: Optional[Tuple[int, int, int]] = None  # (groups, C, K)
@@ -106,43 +108,49 @@ class RunningDrift(ScratchTensors):
         return per_group.reshape(-1)
 
     @torch.no_grad()
-    def update(self, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
-               bias: Optional[Tensor], num_positions: int, factor, finite: Tensor) -> None:
+    def update(self, patch_mean: Tensor, sqmean_grad: Tensor, excess: Optional[Tensor],
+               mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
+               num_positions: int, factor, finite: Tensor) -> None:
         """Adds one batch with the EMA factor the running statistics used for it.
 
+        The batch's own terms come from its moments, not from products with the weights: at the
+        weights they were taken at, ``<p_t, W_t> + b_t`` is the batch mean exactly and
+        ``<g_t, W_t>`` is ``n/(n-1) * (2 var + excess)`` (Euler's identity, with the sampled
+        derivative's :func:`~mmcbn.layers.conv_moments.identity_excess`, so that its noise cancels
+        at these weights).
+
         Args:
-            patch_mean, sqmean_grad: the batch's derivatives (``moment_derivatives``), taken at
-                ``weight``/``bias``, the conv's parameters in this forward.
+            patch_mean, sqmean_grad, excess: the batch's derivatives (``moment_derivatives``;
+                ``excess`` None for an exact one), taken at ``weight``/``bias``, the conv's
+                parameters in this forward.
+            mean, var: the batch's (biased) moments, ``[C]``.
             num_positions: positions the batch's variance was taken over (for ``n / (n - 1)``).
             factor: the weight of the new batch (``momentum``, or ``1 / n`` for a cumulative mean,
                 a tensor).
             finite: a bool tensor; False leaves everything as it is (as for the running stats).
         """
         dtype = sqmean_grad.dtype
-        w = self._flat(weight, dtype)
-        channels, groups, k = w.shape[0], patch_mean.shape[0], patch_mean.shape[1]
+        channels, k = sqmean_grad.shape
+        groups = patch_mean.shape[0]
         if self.empty or self._shape != (groups, channels, k) or self.state.dtype != dtype:
             self._shape = (groups, channels, k)
             self.state = torch.zeros(groups * k + channels * k + 1 + 2 * channels, dtype=dtype,
-                                     device=w.device)
-        new = torch.empty_like(self.state)
-        new_patch_mean, var_grad, bias_weight, mean, var_at_own = self._views(new)
-        self._mean_term(patch_mean, w, out=mean)
-        if bias is not None:
-            mean.add_(bias.detach().to(dtype))
+                                     device=sqmean_grad.device)
+            self.one = torch.ones(1, dtype=dtype, device=sqmean_grad.device)
         unbiased = num_positions / (num_positions - 1) if num_positions > 1 else 1.0
         # var_grad = unbiased * (sqmean_grad - 2 mean_c p_group(c)): one fused pass over [C, K]
         per_group = channels // groups
-        torch.baddbmm(sqmean_grad.reshape(groups, per_group, k), mean.view(groups, per_group, 1),
-                      patch_mean.unsqueeze(1), beta=unbiased, alpha=-2.0 * unbiased,
-                      out=var_grad.view(groups, per_group, k))
-        channel_dots(var_grad.unsqueeze(1), w, out=var_at_own)
-        new_patch_mean.copy_(patch_mean)
-        bias_weight.fill_(1.0)
+        mean = mean.to(dtype)
+        var_grad = torch.baddbmm(sqmean_grad.reshape(groups, per_group, k),
+                                 mean.view(groups, per_group, 1), patch_mean.unsqueeze(1),
+                                 beta=unbiased, alpha=-2.0 * unbiased)
+        var_at_own = var.to(dtype).mul(2.0 * unbiased) if excess is None else \
+            torch.add(var.to(dtype), excess, alpha=0.5).mul_(2.0 * unbiased)
+        new = torch.cat([patch_mean.reshape(-1), var_grad.reshape(-1), self.one, mean, var_at_own])
         # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
         if isinstance(factor, Tensor):
             factor = factor.to(dtype)
-        self.state.lerp_(torch.where(finite, new, self.state, out=new), factor)
+        self.state.lerp_(torch.where(finite, new, self.state), factor)
         self.versions = _versions(weight, bias)  # a batch at the current weights adds no drift
 
     def stale(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -279,9 +287,9 @@ class CompensatedRunningStats:
                              batch.pooled_var, positions, factor, batch.finite)
         if self._tracks_drift() and derivatives is not None:
             binding = self.binding
-            self._drift.update(derivatives[0], derivatives[1], binding.weight, binding.bias,
-                               batch.num_positions, factor, batch.finite)
-            if not torch.compiler.is_compiling():  # bind() registers; a copied layer joins here
+            self._drift.update(*derivatives, batch.mean, batch.var, binding.weight,
+                               binding.bias, batch.num_positions, factor, batch.finite)
+            if not is_compiling():  # bind() registers; a copied layer joins here
                 follow_optimizer_steps(self)
 
     def _tracks_drift(self) -> bool:
