@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .conv_moments import ConvGeometry, PositionSample, identity_excess, moment_derivatives
-from .torch_features import graph_input_unsupported
+from .torch_features import saved_input_is_hooked
 
 #: ``forward`` functions of ``nn.Conv2d`` subclasses known to compute a plain conv with
 #: ``self.weight``. Extend it to allow another wrapper.
@@ -191,9 +191,6 @@ def binding_from_graph(output: Tensor) -> GraphBinding:
     if has_bias and bias is None:
         return GraphBinding(reason='the conv before it has a bias that is not a trainable leaf '
                             'parameter')
-    unsupported = graph_input_unsupported()
-    if unsupported is not None:
-        return GraphBinding(reason=unsupported)
     geometry = ConvGeometry(tuple(weight.shape), tuple(fn._saved_stride), tuple(fn._saved_padding),
                             tuple(fn._saved_dilation), fn._saved_groups)
     return GraphBinding(ConvBinding(weight, bias, geometry,
@@ -208,8 +205,7 @@ def conv_input_from_graph(output: Tensor, binding: ConvBinding) -> Optional[Tens
         return None
     # Under non-reentrant checkpointing the saved input is packed by a hook: unpacking it here would
     # recompute the region. The entry's derivatives then come from the recomputation.
-    if graph_input_unsupported() is not None or \
-            torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    if saved_input_is_hooked(fn):
         return None
     return fn._saved_input
 

@@ -1,6 +1,4 @@
 """What the running torch can do, asked in one place (the supported range: README, setup.cfg)."""
-from typing import Optional
-
 import torch
 
 
@@ -13,15 +11,25 @@ def is_compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
-def graph_input_unsupported() -> Optional[str]:
-    """None if this torch lets a layer read a conv's input off the autograd graph safely, else why
-    not. Reading a saved input is safe only when no saved-tensor hook is active (under
-    non-reentrant checkpointing the read would recompute the region), and only torch's
-    ``_top_saved_tensors_default_hooks`` tells (absent in torch 2.1); without it a layer bound
-    from the graph could never record derivatives."""
-    if hasattr(torch._C._autograd, '_top_saved_tensors_default_hooks'):
-        return None
-    return (f'torch {torch.__version__} cannot tell whether reading a conv\'s input off the '
-            'autograd graph is safe (no torch._C._autograd._top_saved_tensors_default_hooks, '
-            'absent in torch 2.1), so the conv cannot be bound from the graph; bind it '
-            'structurally (convert_bn_to_cbn, bind_cbn_layers, CBNHook) or with layer.bind(conv)')
+def _identity(tensor):
+    return tensor
+
+
+def saved_input_is_hooked(grad_fn) -> bool:
+    """Whether the input a conv saved for its backward (``grad_fn``: its ``ConvolutionBackward0``)
+    is held by a saved-tensor hook, such as non-reentrant checkpointing's, where reading it would
+    recompute the checkpointed region.
+
+    torch >= 2.2 tells which default hooks are active (``_top_saved_tensors_default_hooks``). On
+    torch 2.1 the saved tensor itself tells: one packed by a hook refuses hooks of its own, and one
+    that is free takes identity hooks (packing keeps the tensor itself, unpacking returns it), so
+    asking leaves it as it was in every way that matters.
+    """
+    top_hooks = getattr(torch._C._autograd, '_top_saved_tensors_default_hooks', None)
+    if top_hooks is not None:
+        return top_hooks(False) is not None
+    try:
+        grad_fn._raw_saved_input.register_hooks(_identity, _identity)
+    except RuntimeError:  # "Calling register_hooks on a saved tensor whose hooks have already..."
+        return True
+    return False
