@@ -47,6 +47,8 @@ class RecordWindows(Hook):
 
     def __init__(self):
         self.windows = {}
+        self.entries = {}  # entries bn1 holds before each iteration's forward
+        self.weights = {}  # bn1's weight before the run's first iteration
 
     def before_train_iter(self, runner, batch_idx, data_batch=None):
         model = runner.model
@@ -55,6 +57,8 @@ class RecordWindows(Hook):
         self.windows[runner.iter] = (getattr(model.bn1, 'effective_window', None),
                                      getattr(model.neck[1], 'effective_window', None),
                                      getattr(model.bn1, 'iteration', None))
+        self.entries[runner.iter] = len(getattr(model.bn1, '_window', ()))
+        self.weights.setdefault('first', model.bn1.weight.detach().clone())
 
 
 def _runner(tmp_path, name, hook_cfg, loop, resume=False, load_from=None, **kwargs):
@@ -115,8 +119,14 @@ def test_resume_continues_the_schedule_exactly(tmp_path):
     assert sorted(rec_resumed.windows) == [4, 5, 6, 7]
     for i in range(4, 8):
         assert rec_resumed.windows[i] == rec_full.windows[i]
-    # the window refills: after resume at iteration 4 it holds at most the entries since then
-    assert len(resumed.model.bn1._window) == min(4, resumed.model.bn1.window_size)
+    # the schedule continues where it was, the window (scratch state) refills from empty
+    assert [rec_full.entries[i] for i in range(4, 8)] == [1, 2, 3, 4]
+    assert [rec_resumed.entries[i] for i in range(4, 8)] == [0, 1, 2, 3]
+    # and training continued from the checkpoint's weights, which the first 4 iterations moved
+    saved = torch.load(str(tmp_path / 'part' / 'iter_4.pth'),
+                       map_location='cpu')['state_dict']['bn1.weight']
+    assert torch.equal(rec_resumed.weights['first'], saved)
+    assert not torch.equal(rec_full.weights['first'], saved)
 
 
 def test_checkpoint_loads_into_a_batchnorm_model(tmp_path):
