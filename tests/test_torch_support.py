@@ -70,3 +70,31 @@ def test_import_time_effects_are_undone_and_the_optimizer_hook_leaves_with_its_l
     assert running_stats._optimizer_hook is not None  # the layer follows the steps
     convert_cbn_to_bn(model)  # unbinds: no layer left to follow
     assert running_stats._optimizer_hook is None
+
+
+def test_a_layer_that_cannot_read_its_conv_input_says_so_once_and_reports_uncompensated():
+    """A layer bound from the autograd graph while a saved-tensor hook holds every saved tensor
+    (torch.autograd.graph.save_on_cpu over the whole training) cannot record derivatives: it
+    says so once, naming the layer, and its diagnostics show uncompensated entries; a layer bound
+    structurally is unaffected."""
+    torch.manual_seed(0)
+    lazy = CrossIterationBatchNorm2d(4, window_size=3)
+    lazy.layer_name = 'neck.norm'
+    bound = CrossIterationBatchNorm2d(4, window_size=3)
+    conv_a, conv_b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+    bound.bind(conv_b)
+    opt = torch.optim.SGD([*conv_a.parameters(), *conv_b.parameters()], lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        for it in range(5):
+            lazy.iteration = bound.iteration = it
+            x = torch.randn(2, 3, 8, 8)
+            with torch.autograd.graph.save_on_cpu():
+                (lazy(conv_a(x)).square().mean() + bound(conv_b(x)).square().mean()).backward()
+            opt.step()
+            opt.zero_grad()
+    messages = [str(w.message) for w in caught if 'could not read its input' in str(w.message)]
+    assert len(messages) == 1 and "'neck.norm'" in messages[0], messages
+    assert lazy.binding is not None
+    assert not lazy.window_stats()['compensated'].any()
+    assert bound.window_stats()['compensated'].all()

@@ -248,7 +248,8 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
 
         Returns:
             ``mean``/``var`` (``[E, C]``, compensated to the weights of that forward), ``raw_mean``/
-            ``raw_var`` (as recorded), ``valid`` (``[E]``) and ``age`` (iterations back, ``[E]``).
+            ``raw_var`` (as recorded), ``valid`` (``[E]``), ``compensated`` (``[E]`` bool: moved to
+            the current weights) and ``age`` (iterations back, ``[E]``).
         """
         return describe_window(self._state, self._window, self.num_features)
 
@@ -370,6 +371,14 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
             return state, True
         if state is None or self._new_iteration or not self._counts_iterations:
             window = self._window
+            if window.pending and not window.pending_compensable and compensate_now and \
+                    self.binding.trainable and not compiling:
+                self._warn_once('underived', (
+                    f'is bound to {self.binding.name} but could not read its input, so its '
+                    'entries are not compensated (bound from the autograd graph while a '
+                    'saved-tensor hook, such as torch.autograd.graph.save_on_cpu, held the '
+                    "conv's input); bind it structurally (convert_bn_to_cbn, bind_cbn_layers, "
+                    'CBNHook) or with layer.bind(conv)'))
             window.commit_pending()
             state = self._state = start_iteration(
                 window, window.recent(self._effective_window - 1),

@@ -62,6 +62,7 @@ class IterationState:
     weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
     num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
     grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
+    compensated: bool = False  # the entries were moved to the current weights (if they could be)
     weight_version: Optional[int] = None  # the bound conv weight's version counter (eager only)
 
 
@@ -91,6 +92,7 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
                                            window.sqmean_grad, binding.weight, binding.bias,
                                            clamp=False, excess=window.excess,
                                            sqmean=window.sqmean)
+        state.compensated = True
         if all(compensable):
             mean, var, share = mean_hat, var_hat, use
         else:
@@ -131,9 +133,11 @@ def describe_window(state: Optional[IterationState], window: MomentWindow,
     if state is None or state.mean is None or not state.num_used:
         empty = torch.zeros(0, num_features)
         return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty, valid=torch.zeros(0),
+                    compensated=torch.zeros(0, dtype=torch.bool),
                     age=torch.zeros(0, dtype=torch.long))
     idx = window.recent_slots(state.num_used)
     return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
                 raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
                 valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
+                compensated=torch.tensor(window.recent(state.num_used)) & state.compensated,
                 age=torch.arange(1, state.num_used + 1))
