@@ -1,11 +1,48 @@
-"""Converters between BatchNorm2d / SyncBatchNorm and CBN, for whole models."""
-from typing import Callable, Optional, Tuple
+"""Whole models: binding their CBN layers to their convs, and converting BatchNorm2d /
+SyncBatchNorm to CBN and back."""
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
 
 from .layers import CrossIterationBatchNorm2d
-from .layers.model_binding import bind_cbn_layers
+from .layers.binding import find_producing_conv
+
+#: layer name -> (conv name, '') when bound, (None, reason) when not
+BindingReport = Dict[str, Tuple[Optional[str], str]]
+
+
+def bind_cbn_layers(model: nn.Module) -> BindingReport:
+    """Binds each CBN layer in ``model`` to the conv whose output feeds it, found structurally.
+
+    A layer whose producer cannot be seen from the structure keeps no binding and is bound from the
+    autograd graph on its first training forward (see :func:`~mmcbn.layers.binding.
+    binding_from_graph`); one whose producer is visibly not a plain conv (deformable, weight-
+    standardised, norm before conv) is marked as not compensable.
+
+    Returns:
+        For every CBN layer, by name: ``(conv_name, '')`` or ``(None, reason)``.
+    """
+    report: BindingReport = {}
+    for parent_name, parent in model.named_modules():
+        for child_name, child in parent.named_children():
+            if not isinstance(child, CrossIterationBatchNorm2d):
+                continue
+            name = f'{parent_name}.{child_name}' if parent_name else child_name
+            child.layer_name = name
+            found = find_producing_conv(parent, child_name)
+            if found.try_graph:  # the graph may show the producer on the first step
+                report[name] = ((child.binding.name, '') if child.binding is not None else
+                                (None, found.reason + '; will try the autograd graph at the '
+                                 'first training step'))
+            elif found.conv is None:
+                child.unbind(found.reason)
+                report[name] = (None, found.reason)
+            else:
+                conv_name = f'{parent_name}.{found.conv}' if parent_name else found.conv
+                child.bind(getattr(parent, found.conv), conv_name)
+                report[name] = (conv_name, '')
+    return report
 
 
 def _replace_modules(module: nn.Module, replace: Callable[[nn.Module], nn.Module]) -> nn.Module:
@@ -92,7 +129,7 @@ def convert_bn_to_cbn(module: nn.Module, keep: Tuple[type, ...] = (), **cbn_kwar
 
     Each CBN carries its BN's parameters (and their ``requires_grad``), running statistics and
     train/eval mode, and is bound to its producing conv where the structure shows it
-    (:func:`~mmcbn.layers.model_binding.bind_cbn_layers`). A BN subclass is converted only when
+    (:func:`bind_cbn_layers`). A BN subclass is converted only when
     nothing is lost: one that keeps BN's forward and state converts as BN; timm's
     ``BatchNormAct2d`` (BN, then its ``drop`` and ``act``) becomes a :class:`CBNAct2d`; any other
     raises, naming the class. Modules that are not BN subclasses (frozen BN) are left alone.

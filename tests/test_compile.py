@@ -153,4 +153,4 @@ def test_compiled_shared_layer_called_twice_per_iteration_equals_eager():
             opt.step()
         for g_c, g_e in zip(grads[1], grads[0]):
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
-    assert compiled_block[1]._window.pending_calls == 2
+    assert compiled_block[1].window.pending_calls == 2

@@ -10,6 +10,7 @@ from mmengine.runner import Runner
 from torch import nn
 from torch.utils.data import Dataset
 
+from layer_internals import hook_driven, hook_selection
 from mmcbn import CBNHook, CrossIterationBatchNorm2d
 
 
@@ -157,7 +158,7 @@ def test_layer_selection_and_validation():
     with pytest.raises(ValueError, match='regular expressions'):
         CBNHook(layers=['neck('])
     hook = CBNHook(layers='neck')
-    assert list(hook._select(ToyModel())) == ['neck.1']
+    assert list(hook_selection(hook, ToyModel())) == ['neck.1']
 
 
 def test_window_larger_than_the_layers_is_refused(tmp_path):
@@ -186,7 +187,7 @@ def test_hook_without_cbn_layers_warns_and_does_nothing(tmp_path):
     runner.train()
     assert any('no CBN layers' in m for m in warnings_logged), warnings_logged
     hook = next(h for h in runner.hooks if isinstance(h, CBNHook))
-    assert hook._driven == {}
+    assert hook_driven(hook) == {}
     assert 'train/cbn_window' not in runner.message_hub.log_scalars
 
 

@@ -131,7 +131,7 @@ def test_running_statistics_from_either_source_match_reference(source):
 @pytest.mark.parametrize('window_size', [2, 4])
 def test_naive_cbn_matches_reference_without_compensation(window_size):
     cbn = _train_against_reference(CONV_SHAPES[0], window_size, False, True)
-    assert cbn._window.sqmean_grad is None  # naive CBN never computes derivatives
+    assert cbn.window.sqmean_grad is None  # naive CBN never computes derivatives
 
 
 def assert_close_to_scale(got, expected, tol):
@@ -221,7 +221,7 @@ def test_frozen_conv_skips_derivatives_and_window_memory_budget():
     conv.requires_grad_(False)
     for _ in range(4):
         cbn(conv(torch.randn(2, 16, 8, 8)))
-    assert cbn._window.sqmean_grad is None
+    assert cbn.window.sqmean_grad is None
     conv.requires_grad_(True)
     cbn.reset_window()
     for _ in range(4):
@@ -310,17 +310,17 @@ def test_non_finite_batch_never_enters_the_window_or_running_stats():
     cbn.bind(conv)
     for _ in range(3):
         cbn(conv(torch.randn(2, 3, 8, 8)))
-    mean_before = cbn._window.mean.clone()
+    mean_before = cbn.window.mean.clone()
     running = cbn.running_mean.clone(), cbn.running_var.clone()
-    drift = [getattr(cbn._drift, n).clone() for n in cbn._drift.tensor_names]  # compensation EMAs
+    drift = [getattr(cbn.running_drift, n).clone() for n in cbn.running_drift.tensor_names]  # compensation EMAs
     bad = torch.randn(2, 3, 8, 8)
     bad[0, 0, 0, 0] = float('inf')
     out = cbn(conv(bad))
     assert not torch.isfinite(out).all()
     # the bad entry is stored as invalid: the next step normalises with finite statistics only
     assert torch.equal(cbn.running_mean, running[0]) and torch.equal(cbn.running_var, running[1])
-    assert all(torch.equal(before, getattr(cbn._drift, name))
-               for before, name in zip(drift, cbn._drift.tensor_names))
+    assert all(torch.equal(before, getattr(cbn.running_drift, name))
+               for before, name in zip(drift, cbn.running_drift.tensor_names))
     out = cbn(conv(torch.randn(2, 3, 8, 8)))
     assert torch.isfinite(out).all() and torch.isfinite(cbn.last_var).all()
     stats = cbn.window_stats()
@@ -330,7 +330,7 @@ def test_non_finite_batch_never_enters_the_window_or_running_stats():
         conv.weight.mul_(1.1)
     cbn.export_running_stats()  # the drift is finite too
     assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()
-    assert mean_before.shape == cbn._window.mean.shape
+    assert mean_before.shape == cbn.window.mean.shape
 
 
 def test_autocast_bfloat16_keeps_statistics_in_float32():
@@ -349,8 +349,8 @@ def test_autocast_bfloat16_keeps_statistics_in_float32():
             y = conv(x)
             out = cbn(y)
         assert y.dtype == out.dtype == torch.bfloat16
-        assert cbn.last_mean.dtype == torch.float32 and cbn._window.mean.dtype == torch.float32
-        assert cbn._window.sqmean_grad.dtype == torch.float32
+        assert cbn.last_mean.dtype == torch.float32 and cbn.window.mean.dtype == torch.float32
+        assert cbn.window.sqmean_grad.dtype == torch.float32
         out.float().sum().backward()
         y64 = y.detach().double()
         mean, var = y64.mean((0, 2, 3)), y64.var((0, 2, 3), unbiased=False)
@@ -370,9 +370,9 @@ def test_reset_running_stats_clears_the_window():
     cbn = CrossIterationBatchNorm2d(8, window_size=3)
     for _ in range(3):
         cbn(conv(torch.randn(2, 3, 8, 8)))
-    assert len(cbn._window) == 3  # two entries and this iteration's
+    assert len(cbn.window) == 3  # two entries and this iteration's
     cbn.reset_running_stats()
-    assert len(cbn._window) == 0 and cbn._window.mean is None
+    assert len(cbn.window) == 0 and cbn.window.mean is None
     assert torch.equal(cbn.running_mean, torch.zeros(8))
 
 
@@ -390,7 +390,7 @@ def test_shared_layer_in_one_iteration_merges_into_one_entry():
     cbn(ya)
     mean_a = cbn.last_mean
     cbn(yb)
-    assert len(cbn._window) == 2  # iteration 0's entry, and iteration 1's (pending, merged)
+    assert len(cbn.window) == 2  # iteration 0's entry, and iteration 1's (pending, merged)
     window_mean = cbn.window_stats()['mean'][0]
     # each call used its own batch plus the same one-entry window
     torch.testing.assert_close(mean_a, (ya.mean((0, 2, 3)) + window_mean) / 2)
@@ -415,7 +415,7 @@ def test_same_batch_after_an_optimizer_step_is_a_new_iteration():
     for _ in range(3):
         cbn(conv(x)).square().mean().backward()
         opt.step()
-    assert len(cbn._window) == 3 and all(cbn._window.committed)
+    assert len(cbn.window) == 3 and all(cbn.window.committed)
     assert cbn.window_stats()['mean'].shape[0] == 2
 
 
@@ -458,7 +458,7 @@ def test_sampled_derivative_leaves_an_entry_unchanged_at_its_own_weights():
     assert stats['mean'].shape[0] == 2
     torch.testing.assert_close(stats['mean'], stats['raw_mean'], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats['var'], stats['raw_var'], rtol=1e-12, atol=1e-12)
-    assert cbn._window.excess.abs().max() > 1e-3  # the sampled derivative did miss the identity
+    assert cbn.window.excess.abs().max() > 1e-3  # the sampled derivative did miss the identity
 
 
 def test_sampled_derivative_is_seeded_and_leaves_the_global_generators_alone():
@@ -499,7 +499,7 @@ def test_non_finite_batch_never_enters_running_stats_during_burn_in(window_size,
     running = cbn.running_mean.clone(), cbn.running_var.clone()
     torch.testing.assert_close(running[0], bn.running_mean)
     torch.testing.assert_close(running[1], bn.running_var)
-    drift = [getattr(cbn._drift, n).clone() for n in cbn._drift.tensor_names]
+    drift = [getattr(cbn.running_drift, n).clone() for n in cbn.running_drift.tensor_names]
     assert drift, 'the compensation terms are tracked during burn-in'
     bad = torch.randn(2, 3, 8, 8)
     bad[1, 2, 3, 4] = float('nan')
@@ -507,8 +507,8 @@ def test_non_finite_batch_never_enters_running_stats_during_burn_in(window_size,
     out = cbn(conv(bad))
     assert not torch.isfinite(out).all()
     assert torch.equal(cbn.running_mean, running[0]) and torch.equal(cbn.running_var, running[1])
-    assert all(torch.equal(before, getattr(cbn._drift, name))
-               for before, name in zip(drift, cbn._drift.tensor_names))
+    assert all(torch.equal(before, getattr(cbn.running_drift, name))
+               for before, name in zip(drift, cbn.running_drift.tensor_names))
     cbn.eval()
     assert torch.isfinite(cbn.running_mean).all() and torch.isfinite(cbn.running_var).all()
 
@@ -522,7 +522,7 @@ def test_as_batchnorm_is_batchnorm_and_restores_the_layer():
     for it in range(3):
         cbn.iteration = it
         cbn(conv(torch.randn(2, 3, 8, 8)))
-    entries = cbn._window.mean.clone()
+    entries = cbn.window.mean.clone()
     bn = nn.BatchNorm2d(8)
     bn.load_state_dict(cbn.state_dict())
     x = conv(torch.randn(2, 3, 8, 8)).detach()
@@ -531,7 +531,7 @@ def test_as_batchnorm_is_batchnorm_and_restores_the_layer():
         torch.testing.assert_close(layer(x), bn(x))  # the batch alone, as BN in training
         torch.testing.assert_close(cbn.running_mean, bn.running_mean)
         torch.testing.assert_close(cbn.running_var, bn.running_var)
-        assert torch.equal(cbn._window.mean, entries)  # nothing recorded
+        assert torch.equal(cbn.window.mean, entries)  # nothing recorded
         running = cbn.running_mean.clone()
         cbn.eval()  # exports nothing
         assert torch.equal(cbn.running_mean, running)

@@ -112,10 +112,10 @@ def test_with_cp_matches_without_and_records_one_entry_per_iteration():
             torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-5, atol=1e-6, msg=name)
         for ma, mb in zip(plain.modules(), ckpt.modules()):
             if isinstance(ma, CrossIterationBatchNorm2d):
-                assert len(mb._window) == len(ma._window) == min(it + 1, 3)
+                assert len(mb.window) == len(ma.window) == min(it + 1, 3)
                 torch.testing.assert_close(mb.running_var, ma.running_var)
         opt_a.step(), opt_b.step()
-    assert ckpt.norm2._window.sqmean_grad is not None  # entries were compensable
+    assert ckpt.norm2.window.sqmean_grad is not None  # entries were compensable
 
 
 def test_with_cp_without_iteration_ids_or_explicit_binding():
@@ -133,9 +133,9 @@ def test_with_cp_without_iteration_ids_or_explicit_binding():
         out_a.sum().backward()
         out_b.sum().backward()
         torch.testing.assert_close(xb.grad, xa.grad, rtol=1e-5, atol=1e-6)
-        assert len(ckpt.norm1._window) == len(plain.norm1._window) == min(it + 1, 3)
+        assert len(ckpt.norm1.window) == len(plain.norm1.window) == min(it + 1, 3)
     # the no-grad first pass records statistics; the recomputation adds the derivatives
-    assert all(ckpt.norm1._window.committed)
+    assert all(ckpt.norm1.window.committed)
 
 
 def test_non_reentrant_checkpoint_matches_plain_forward():
@@ -160,7 +160,7 @@ def test_non_reentrant_checkpoint_matches_plain_forward():
         out_b.square().sum().backward()
         torch.testing.assert_close(conv_b.weight.grad, conv.weight.grad, rtol=1e-5, atol=1e-5)
         opt.step(), opt_b.step()
-        assert len(cbn_b._window) == len(cbn._window)
+        assert len(cbn_b.window) == len(cbn.window)
 
 
 def test_layers_that_cannot_be_compensated_are_reported():
@@ -182,9 +182,10 @@ def test_layers_that_cannot_be_compensated_are_reported():
 
 
 def test_training_without_the_hook_warns_once():
-    import mmcbn.layers.cross_iteration_bn as layer_module
     import warnings
-    layer_module._no_iteration_warned = False
+
+    from layer_internals import reset_no_iteration_warning
+    reset_no_iteration_warning()
     conv = nn.Conv2d(3, 8, 3)
     layers = [CrossIterationBatchNorm2d(8, window_size=2) for _ in range(2)]
     with warnings.catch_warnings(record=True) as caught:

@@ -70,4 +70,4 @@ def test_every_cbn_is_bound_to_its_conv_and_trains(config_name, with_mask):
             continue
         stats = m.window_stats()
         assert stats['mean'].shape[0] == 1, name  # the window was in use at the second step
-        assert m._window.committed[-1], name
+        assert m.window.committed[-1], name

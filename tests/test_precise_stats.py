@@ -77,7 +77,7 @@ def test_population_statistics_at_current_weights_and_no_other_trace():
     frozen_before = net.frozen.running_mean.clone()
     tracked = (net.cbn.num_batches_tracked.clone(), net.bn.num_batches_tracked.clone())
     window_bytes = net.cbn.window_nbytes()
-    window_stats = net.cbn._window.mean.clone()
+    window_stats = net.cbn.window.mean.clone()
     (ref_mean1, ref_var1), (ref_mean2, ref_var2) = _reference(net, batches[:4])
     torch.manual_seed(123)
     expected_draw = torch.rand(3)
@@ -96,7 +96,7 @@ def test_population_statistics_at_current_weights_and_no_other_trace():
     assert torch.equal(net.cbn.num_batches_tracked, tracked[0])
     assert torch.equal(net.bn.num_batches_tracked, tracked[1])
     assert net.cbn.window_nbytes() == window_bytes
-    assert torch.equal(net.cbn._window.mean, window_stats)
+    assert torch.equal(net.cbn.window.mean, window_stats)
     assert net.cbn.effective_window == 3 and net.cbn.compensate_running_stats
     assert net.training and net.cbn.training and not net.frozen.training
     # the re-estimated values are what eval uses and what a checkpoint holds

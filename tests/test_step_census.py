@@ -162,7 +162,7 @@ def test_a_layer_called_twice_per_iteration_has_no_stalls():
         if it >= 5:
             stalls = sorted(op for op in set(census.ops) if op in STALLING or op.startswith('host:'))
             assert not stalls, f'stalling ops: {stalls}'
-    assert cbn._window.pending_calls == 2  # both calls in one entry
+    assert cbn.window.pending_calls == 2  # both calls in one entry
 
 
 def test_running_stats_follow_an_optimizer_step_in_a_few_ops_without_stalls():

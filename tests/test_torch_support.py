@@ -42,13 +42,12 @@ def test_saved_input_under_a_checkpoint_is_left_alone_without_the_query(monkeypa
 
 def test_import_time_effects_are_undone_and_the_optimizer_hook_leaves_with_its_layers(
         monkeypatch):
-    import gc
 
     import mmengine.model
     import mmengine.runner.runner
 
     import mmcbn
-    from mmcbn.layers import running_stats
+    from layer_internals import isolate_optimizer_hook, optimizer_hook_registered
     mmcbn.uninstall_sync_bn_support()
     try:
         for namespace in (mmengine.model, mmengine.runner.runner):
@@ -59,17 +58,15 @@ def test_import_time_effects_are_undone_and_the_optimizer_hook_leaves_with_its_l
         mmcbn.engine.sync_batchnorm.install()
     assert mmengine.model.convert_sync_batchnorm(CrossIterationBatchNorm2d(4)).sync
     # the process-wide optimizer hook follows the layers that need it, and leaves after them
-    import weakref
-    monkeypatch.setattr(running_stats, '_following_layers', weakref.WeakSet())
-    monkeypatch.setattr(running_stats, '_optimizer_hook', None)
+    isolate_optimizer_hook(monkeypatch)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), CrossIterationBatchNorm2d(4))
     model[1].bind(model[0])
-    assert running_stats._optimizer_hook is not None
+    assert optimizer_hook_registered()
     model(torch.randn(2, 3, 8, 8)).sum().backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-    assert running_stats._optimizer_hook is not None  # the layer follows the steps
+    assert optimizer_hook_registered()  # the layer follows the steps
     convert_cbn_to_bn(model)  # unbinds: no layer left to follow
-    assert running_stats._optimizer_hook is None
+    assert not optimizer_hook_registered()
 
 
 def test_a_layer_that_cannot_read_its_conv_input_says_so_once_and_reports_uncompensated():

@@ -93,7 +93,7 @@ BREAKS = [
           '            self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()',
           '            1.0 / float(self.num_batches_tracked)',
           ('tests/test_step_census.py', )),
-    Break('eps accepted when not finite', 'mmcbn/utils/validation.py',
+    Break('eps accepted when not finite', 'mmcbn/layers/validation.py',
           '    if not math.isfinite(value) or (positive and not value > 0):',
           '    if positive and not value > 0:',
           ('tests/test_layer.py::test_bad_arguments_name_the_argument', )),

@@ -28,8 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .torch_features import is_compiling
-
 
 @dataclass(frozen=True)
 class ConvGeometry:
@@ -76,14 +74,15 @@ class ConvGeometry:
         return cin_g * kh * kw
 
 
-def output_moments(y: Tensor) -> Tuple[Tensor, Tensor]:
+def output_moments(y: Tensor, traced: bool = False) -> Tuple[Tensor, Tensor]:
     """Per-channel mean and (biased) variance of an NCHW tensor, in float32 or wider.
 
     Uses BatchNorm's own statistics kernel (a numerically stable one-pass reduction, several times
     faster on CPU than ``var_mean`` over dims (0, 2, 3)). Half/bfloat16 input is reduced in float32:
-    the float32 scratch buffers passed in make the kernel accumulate and return float32.
+    the float32 scratch buffers passed in make the kernel accumulate and return float32. Under
+    ``torch.compile`` (``traced``) a ``var_mean`` the compiler can trace and fuse.
     """
-    if is_compiling():  # the BN kernel has no shape function for the compiler
+    if traced:  # the BN kernel has no shape function for torch.compile
         var, mean = torch.var_mean(y.to(torch.promote_types(y.dtype, torch.float32)),
                                    dim=(0, 2, 3), correction=0)
         return mean, var

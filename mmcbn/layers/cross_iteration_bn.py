@@ -12,14 +12,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .binding import ConvBinding, ProducerLink
 from .conv_moments import choose_position_sample
 from .distributed import is_distributed
-from .iteration_state import (BatchStatistics, IterationState, batch_statistics, describe_window,
-                              start_iteration, window_average)
+from .iteration_state import batch_statistics, describe_window, start_iteration, window_average
 from .normalize import NormalizeWithWindow
+from .records import BatchStatistics, IterationState
 from .running_stats import (CompensatedRunningStats, RunningDrift, follow_optimizer_steps,
                             stop_following)
-from ..utils.validation import (check_bool, check_choice, check_int, check_number,
-                                check_process_group)
 from .torch_features import is_compiling
+from .validation import (check_bool, check_choice, check_int, check_number,
+                         check_process_group)
 from .window import MomentWindow
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
@@ -175,6 +175,18 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
         # what the forward reads: a flag, the same at every step (a compiled forward is guarded
         # on each Python value it reads; an iteration number would recompile it every step)
         self._counts_iterations = value is not None
+
+    @property
+    def window(self) -> MomentWindow:
+        """The layer's window: the ring of earlier iterations' entries and this iteration's
+        pending one (scratch state; read it, do not change it)."""
+        return self._window
+
+    @property
+    def running_drift(self) -> RunningDrift:
+        """The EMAs of the derivatives that keep the running statistics at the conv's current
+        weights (scratch state; read it, do not change it)."""
+        return self._drift
 
     @property
     def binding(self) -> Optional[ConvBinding]:

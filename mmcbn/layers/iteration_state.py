@@ -1,47 +1,25 @@
 """What a CBN layer computes once per training iteration: its window at the current weights.
 
-Vocabulary (used throughout ``mmcbn.layers``):
-
-* *entry*: one iteration's statistics of a layer's input (mean, variance, and for a compensable
-  entry the derivatives of its moments w.r.t. the producing conv's weight);
-* *slot*: a place in the window's ring (:class:`~mmcbn.layers.window.MomentWindow`) holding one
-  entry; the arithmetic runs over all slots, unused ones weighing 0;
-* *valid*: an entry whose batch statistics were finite (others are never used);
-* *compensable*: an entry recorded with derivatives, so it can be moved to the current weights;
-* *positions*: the ``N * H * W`` values per channel behind a statistic;
-* *k*: the number of entries averaged, the current batch included (``1 / k`` its share).
+The words used here are those of the glossary in :mod:`mmcbn.layers`.
 """
-from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .binding import ConvBinding
 from .conv_moments import compensate, mixture_moments, output_moments
 from .distributed import pool_moments
-from .normalize import WindowGradTerms
+from .records import BatchStatistics, IterationState, WindowGradTerms
+from .torch_features import is_compiling
 from .window import MomentWindow
-
-
-@dataclass
-class BatchStatistics:
-    """One call's batch statistics, float32 or wider, detached."""
-    mean: Tensor  # [C] this process's batch
-    var: Tensor  # [C]
-    num_positions: int  # this process's
-    finite: Tensor  # [] bool: no NaN/Inf in the batch (stays on the device)
-    pooled_mean: Tensor  # [C] over the processes (synchronised CBN), else ``mean``
-    pooled_var: Tensor
-    total: Optional[Tensor] = None  # [] positions over the processes (synchronised CBN)
 
 
 @torch.no_grad()
 def batch_statistics(input: Tensor, process_group, sync: bool) -> BatchStatistics:
     """The batch's moments, pooled over ``process_group`` when ``sync``."""
     num_positions = input.numel() // input.shape[1]
-    mean, var = output_moments(input)
+    mean, var = output_moments(input, traced=is_compiling())
     pooled_mean, pooled_var, total = mean, var, None
     if sync:
         pooled_mean, pooled_var, total = pool_moments(
@@ -52,22 +30,8 @@ def batch_statistics(input: Tensor, process_group, sync: bool) -> BatchStatistic
     return BatchStatistics(mean, var, num_positions, finite, pooled_mean, pooled_var, total)
 
 
-@dataclass
-class IterationState:
-    """What a layer computes once per iteration: its window at the current weights, in slot order
-    (``S`` slots; a slot that is not used has weight 0)."""
-    num_used: int = 0  # entries used (host bookkeeping, for window_stats)
-    mean: Optional[Tensor] = None  # [S, C] each slot's entry, compensated (None: no entries)
-    var: Optional[Tensor] = None  # [S, C], clamped at 0
-    weights: Optional[Tensor] = None  # [1 + S] the current batch's and each slot's share, sum 1
-    num_entries: Optional[Tensor] = None  # [] k: the current batch and the used entries
-    grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
-    compensated: bool = False  # the entries were moved to the current weights (if they could be)
-    weight_version: Optional[int] = None  # the bound conv weight's version counter (eager only)
-
-
 def start_iteration(window: MomentWindow, compensable: List[bool],
-                    binding: Optional[ConvBinding], window_grad: bool, process_group,
+                    binding, window_grad: bool, process_group,
                     sync: bool) -> IterationState:
     """The window's entries at the current weights, in slot order, for every call this iteration:
     device tensors only, no host sync.
@@ -75,7 +39,8 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
     Args:
         window: the layer's window, its pending entry already committed.
         compensable: whether each entry to use is compensable, newest first.
-        binding: the conv to compensate against; None: the entries as recorded.
+        binding: the :class:`~mmcbn.layers.binding.ConvBinding` to compensate against; None: the
+            entries as recorded.
         window_grad: prepare the gradient through the compensated entries.
         process_group, sync: pool every entry over the processes (synchronised CBN).
     """

@@ -6,7 +6,6 @@ backward, gives the gradient through the current batch's share (BatchNorm's, wit
 scaled by the number of entries) and, when asked, through the compensated window entries to the
 bound conv's current weight and bias.
 """
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -14,50 +13,7 @@ from torch import Tensor
 
 from .conv_moments import compensation_backward
 from .distributed import all_reduce_sum
-
-
-@dataclass
-class WindowGradTerms:
-    """What the backward needs to pass a gradient through the compensated window entries, with the
-    per-iteration factors folded in (the backward then costs a few ``[S, C]`` products).
-
-    Per entry (``S`` slots; a slot that is not used, not compensated or not valid has share 0) the
-    gradient w.r.t. its compensated mean and second moment is, with ``a = dL/dmean`` and
-    ``b = dL/dvar`` of the pooled statistics and ``k`` entries in all::
-
-        d mean_hat = share * (a - 2 b mean) / k + [clamped] share * 2 b mean_hat / k
-        d sqmean_hat = [not clamped] share * b / k
-
-    (a clamped entry's second moment is ``mean_hat ** 2``: autograd of ``max(sqmean_hat,
-    mean_hat ** 2)``).
-
-    Args:
-        share: ``[S, 1]`` each slot's share in its entry: 1 for a used, compensated slot (under
-            synchronised CBN, this process's fraction of the entry's positions), else 0.
-        kept_share: ``[S, C]`` the share where the entry's variance was not clamped, else 0.
-        clamped_mean: ``[S, C]`` ``share * mean_hat`` where it was clamped, else 0.
-        mean: ``[S, C]`` the means as recorded (this process's).
-        patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
-    """
-    share: Tensor
-    kept_share: Tensor
-    clamped_mean: Tensor
-    mean: Tensor
-    patch_mean: Tensor
-    sqmean_grad: Tensor
-
-    def tensors(self) -> tuple:
-        """The fields in order (the Function saves them for backward)."""
-        return (self.share, self.kept_share, self.clamped_mean, self.mean, self.patch_mean,
-                self.sqmean_grad)
-
-    @classmethod
-    def build(cls, share: Tensor, mean_hat: Tensor, var_hat: Tensor, mean: Tensor,
-              patch_mean: Tensor, sqmean_grad: Tensor) -> 'WindowGradTerms':
-        """From the shares, the compensated entries before the clamp and the recorded ones."""
-        share = share[:, None]
-        kept = share * (var_hat >= 0)
-        return cls(share, kept, (share - kept) * mean_hat, mean, patch_mean, sqmean_grad)
+from .records import WindowGradTerms
 
 
 class NormalizeWithWindow(torch.autograd.Function):

@@ -29,7 +29,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .conv_moments import channel_dots
-from .iteration_state import BatchStatistics, IterationState
+from .records import BatchStatistics, IterationState
 from .scratch_tensors import ScratchTensors
 from .torch_features import is_compiling
 

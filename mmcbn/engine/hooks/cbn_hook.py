@@ -8,9 +8,9 @@ from mmengine.registry import HOOKS
 from torch import nn
 
 from ...layers import CrossIterationBatchNorm2d
-from ...layers.model_binding import bind_cbn_layers
+from ...converters import bind_cbn_layers
 from ..precise_stats import loader_batches, recompute_running_stats
-from ...utils.validation import check_int
+from ...layers.validation import check_int
 
 GROWTH_MODES = ('step', 'linear')
 
