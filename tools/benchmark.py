@@ -183,6 +183,30 @@ def inference_times(model_name, args):
     return interleaved({v: predict(v) for v in models}, 1, args.repeats)
 
 
+def op_census(model_name, batch_size, args):
+    """Compute ops one steady training step dispatches (forward and backward; the optimizer's
+    own step aside), per variant, counted as ``tests/test_step_census.py`` counts them."""
+    from mmcbn.utils.op_census import STALLING, OpCensus
+    counts = {}
+    for variant in args.variants:
+        trainer = Trainer(model_name, variant, batch_size, args.size, args.device)
+        warm = 1 + max((m.window_size for m in trainer.cbns), default=1)  # the window full
+        for _ in range(warm):
+            trainer.step()
+        for m in trainer.cbns:
+            m.iteration = trainer.iteration
+        census = OpCensus()
+        with census:
+            losses = trainer.model(**trainer.data, mode='loss')
+            loss, _ = trainer.model.parse_losses(losses)
+            loss.backward()
+        trainer.optimizer.zero_grad()
+        stalls = sum(op in STALLING or op.startswith('host:') for op in census.ops)
+        counts[variant] = (len(census.ops), stalls, len(trainer.cbns))
+        del trainer
+    return counts
+
+
 def child_memory(model_name, variant, batch_size, args):
     """Runs in a fresh process: peak memory of a few training steps above the built model."""
     trainer = Trainer(model_name, variant, batch_size, args.size, args.device)
@@ -241,6 +265,8 @@ def main():
     parser.add_argument('--repeats', type=int, default=3, help='timed rounds')
     parser.add_argument('--memory', action='store_true', help='also measure peak memory')
     parser.add_argument('--no-inference', action='store_true')
+    parser.add_argument('--census', action='store_true',
+                        help='count the compute ops of one steady training step instead of timing')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--child', nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,6 +287,15 @@ def main():
           f'torch {torch.__version__}')
     for model_name in args.models:
         for batch_size in args.batches:
+            if args.census:
+                counts = op_census(model_name, batch_size, args)
+                print(f'\n## {model_name}, {batch_size} image(s) per step: compute ops of one '
+                      'steady training step (forward + backward)\n')
+                print('| variant | CBN layers | ops | vs BN | stalling ops |\n|---|---:|---:|---:|---:|')
+                for v, (ops, stalls, layers) in counts.items():
+                    print(f'| {v} | {layers} | {ops:,} | {ops / counts[BASELINE[v]][0]:.2f}x | '
+                          f'{stalls} |', flush=True)
+                continue
             times, scratch = train_times(model_name, batch_size, args)
             mem = memory(model_name, batch_size, args) if args.memory else None
             print(f'\n## {model_name}, {batch_size} image(s) per step: training\n')
@@ -278,7 +313,7 @@ def main():
                             f'{mem[v]["peak"] / mem[base]["peak"]:.2f}x |')
                 row += f' {scratch[v] / 2**20:.1f} |'
                 print(row + ('' if base == 'BN' else f' (vs {base})'), flush=True)
-        if not args.no_inference:
+        if not args.no_inference and not args.census:
             inf = inference_times(model_name, args)
             print(f'\n## {model_name}: inference, 1 image, eval mode\n')
             print('| variant | time (s) | vs BN |\n|---|---:|---:|')

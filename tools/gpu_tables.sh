@@ -36,7 +36,7 @@ echo '## 1. steady training step on CUDA: no host sync'
 python3 -m pytest -q -p no:cacheprovider -rs tests/test_step_census.py 2>&1 | tee "$out/census.txt"
 
 echo '## 2. layer table, CUDA'
-python3 tools/benchmark_layer.py --device cuda --repeats 50 --warmup 10 --sync-debug 2>&1 \
+python3 tools/benchmark_layer.py --device cuda --repeats 50 --warmup 10 --sync-debug --compile 2>&1 \
     | tee "$out/benchmark_layer_cuda.txt"
 
 echo '## 3. Mask R-CNN R-50-FPN, CUDA'
