@@ -291,7 +291,8 @@ def main():
                 counts = op_census(model_name, batch_size, args)
                 print(f'\n## {model_name}, {batch_size} image(s) per step: compute ops of one '
                       'steady training step (forward + backward)\n')
-                print('| variant | CBN layers | ops | vs BN | stalling ops |\n|---|---:|---:|---:|---:|')
+                print('| variant | CBN layers | ops | vs BN | stalling ops |')
+                print('|---|---:|---:|---:|---:|')
                 for v, (ops, stalls, layers) in counts.items():
                     print(f'| {v} | {layers} | {ops:,} | {ops / counts[BASELINE[v]][0]:.2f}x | '
                           f'{stalls} |', flush=True)
