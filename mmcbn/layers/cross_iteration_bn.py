@@ -15,8 +15,8 @@ from .distributed import is_distributed
 from .iteration_state import batch_statistics, describe_window, start_iteration, window_average
 from .normalize import NormalizeWithWindow
 from .records import BatchStatistics, IterationState
-from .running_stats import (CompensatedRunningStats, RunningDrift, follow_optimizer_steps,
-                            stop_following)
+from .running_stats import (RunningDrift, follow_optimizer_steps, stop_following,
+                            update_running_stats)
 from .torch_features import is_compiling
 from .validation import (check_bool, check_choice, check_int, check_number,
                          check_process_group)
@@ -26,7 +26,7 @@ RUNNING_STATS_SOURCES = ('window', 'batch')
 
 
 @MODELS.register_module('CBN')
-class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
+class CrossIterationBatchNorm2d(_BatchNorm):
     """Cross-Iteration Batch Normalization for 4D (NCHW) input.
 
     In training, each channel is normalised with the mean and variance of the current batch pooled
@@ -293,6 +293,69 @@ class CrossIterationBatchNorm2d(CompensatedRunningStats, _BatchNorm):
                 (f', derivative_positions={self.derivative_positions}'
                  if self.derivative_positions is not None else '') +
                 ('' if self.compensate_running_stats else ', compensate_running_stats=False'))
+
+    # ------------------------------------------------------------------ running statistics
+    @torch.no_grad()
+    def export_running_stats(self) -> None:
+        """Moves ``running_mean``/``running_var`` to the bound conv's current weights.
+
+        Happens by itself after every optimizer step and at the start of every training forward
+        whenever the conv's parameters changed in place; call it after changing them in a way
+        their version counter does not see (e.g. writing ``weight.data``). Idempotent; does
+        nothing when nothing is tracked (compensation off, no binding, a frozen conv).
+        """
+        self._export(only_if_moved=False)
+
+    def _export(self, only_if_moved: bool = True) -> None:
+        binding = self.binding
+        if not self._tracks_drift() or binding is None or self._drift.empty or (
+                only_if_moved and not self._drift.stale(binding.weight, binding.bias)):
+            return
+        self._drift.export_into(self.running_mean, self.running_var, binding.weight, binding.bias)
+
+    @torch.no_grad()
+    def set_running_stats(self, mean: Tensor, var: Tensor) -> None:
+        """Sets the running statistics to values valid at the current weights (e.g. re-estimated
+        over many batches), keeping the tracked derivatives for later weight changes."""
+        self.running_mean.copy_(mean)
+        self.running_var.copy_(var)
+        binding = self.binding
+        if not self._drift.empty and binding is not None:
+            self._drift.rebase(binding.weight, binding.bias)
+
+    def running_stats_nbytes(self) -> int:
+        """Bytes held for the compensated running statistics (scratch state, not saved)."""
+        return self._drift.nbytes()
+
+    @torch.no_grad()
+    def _update_running_stats(self, batch: BatchStatistics, mean_bar: Tensor, var_bar: Tensor,
+                              state: Optional[IterationState],
+                              derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
+                              ) -> None:
+        """BN's update from this call (from the window's estimate with
+        ``running_stats_source='window'``), and the tracked derivatives' with it."""
+        self.num_batches_tracked.add_(1)
+        # with momentum=None (a cumulative average) the factor stays on the device: torch's BN
+        # reads the counter back to the host here, a stall per layer and step on a GPU
+        factor = self.momentum if self.momentum is not None else \
+            self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+        positions = batch.total if batch.total is not None else batch.num_positions
+        if self.running_stats_source == 'window':
+            k = 1.0 if state is None or state.mean is None else state.num_entries
+            update_running_stats(self.running_mean, self.running_var, mean_bar, var_bar,
+                                 k * positions, factor, batch.finite)
+            return
+        update_running_stats(self.running_mean, self.running_var, batch.pooled_mean,
+                             batch.pooled_var, positions, factor, batch.finite)
+        if self._tracks_drift() and derivatives is not None:
+            binding = self.binding
+            self._drift.update(*derivatives, batch.mean, batch.var, binding.weight,
+                               binding.bias, batch.num_positions, factor, batch.finite)
+            if not is_compiling():  # bind() registers; a copied layer joins here
+                follow_optimizer_steps(self)
+
+    def _tracks_drift(self) -> bool:
+        return self.compensate_running_stats and self.running_mean is not None
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:

@@ -29,9 +29,7 @@ from torch import Tensor
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .conv_moments import channel_dots
-from .records import BatchStatistics, IterationState
 from .scratch_tensors import ScratchTensors
-from .torch_features import is_compiling
 
 
 @torch.no_grad()
@@ -222,75 +220,3 @@ def stop_following(layer) -> None:
 def _export_after_step(optimizer, args, kwargs) -> None:
     for layer in list(_following_layers):
         layer._export()
-
-
-class CompensatedRunningStats:
-    """The running-statistics side of :class:`~mmcbn.layers.CrossIterationBatchNorm2d`, mixed into
-    it: BN's update from each training call and the move to the conv's current weights.
-
-    Uses the layer's ``running_mean``, ``running_var``, ``num_batches_tracked``, ``momentum``,
-    ``running_stats_source``, ``compensate_running_stats``, ``binding`` and ``_drift`` (a
-    :class:`RunningDrift`).
-    """
-
-    @torch.no_grad()
-    def export_running_stats(self) -> None:
-        """Moves ``running_mean``/``running_var`` to the bound conv's current weights.
-
-        Happens by itself after every optimizer step and at the start of every training forward
-        whenever the conv's parameters changed in place; call it after changing them in a way
-        their version counter does not see (e.g. writing ``weight.data``). Idempotent; does
-        nothing when nothing is tracked (compensation off, no binding, a frozen conv).
-        """
-        self._export(only_if_moved=False)
-
-    def _export(self, only_if_moved: bool = True) -> None:
-        binding = self.binding
-        if not self._tracks_drift() or binding is None or self._drift.empty or (
-                only_if_moved and not self._drift.stale(binding.weight, binding.bias)):
-            return
-        self._drift.export_into(self.running_mean, self.running_var, binding.weight, binding.bias)
-
-    @torch.no_grad()
-    def set_running_stats(self, mean: Tensor, var: Tensor) -> None:
-        """Sets the running statistics to values valid at the current weights (e.g. re-estimated
-        over many batches), keeping the tracked derivatives for later weight changes."""
-        self.running_mean.copy_(mean)
-        self.running_var.copy_(var)
-        binding = self.binding
-        if not self._drift.empty and binding is not None:
-            self._drift.rebase(binding.weight, binding.bias)
-
-    def running_stats_nbytes(self) -> int:
-        """Bytes held for the compensated running statistics (scratch state, not saved)."""
-        return self._drift.nbytes()
-
-    @torch.no_grad()
-    def _update_running_stats(self, batch: BatchStatistics, mean_bar: Tensor, var_bar: Tensor,
-                              state: Optional[IterationState],
-                              derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
-                              ) -> None:
-        """BN's update from this call (from the window's estimate with
-        ``running_stats_source='window'``), and the tracked derivatives' with it."""
-        self.num_batches_tracked.add_(1)
-        # with momentum=None (a cumulative average) the factor stays on the device: torch's BN
-        # reads the counter back to the host here, a stall per layer and step on a GPU
-        factor = self.momentum if self.momentum is not None else \
-            self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        positions = batch.total if batch.total is not None else batch.num_positions
-        if self.running_stats_source == 'window':
-            k = 1.0 if state is None or state.mean is None else state.num_entries
-            update_running_stats(self.running_mean, self.running_var, mean_bar, var_bar,
-                                 k * positions, factor, batch.finite)
-            return
-        update_running_stats(self.running_mean, self.running_var, batch.pooled_mean,
-                             batch.pooled_var, positions, factor, batch.finite)
-        if self._tracks_drift() and derivatives is not None:
-            binding = self.binding
-            self._drift.update(*derivatives, batch.mean, batch.var, binding.weight,
-                               binding.bias, batch.num_positions, factor, batch.finite)
-            if not is_compiling():  # bind() registers; a copied layer joins here
-                follow_optimizer_steps(self)
-
-    def _tracks_drift(self) -> bool:
-        return self.compensate_running_stats and self.running_mean is not None
