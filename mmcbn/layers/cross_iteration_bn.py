@@ -384,15 +384,26 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         running statistics' update."""
         if not self._counts_iterations and self._effective_window > 1:
             _warn_no_iteration_source()
+        # the call's plan, from host facts only (no tensor is read)
+        sync = self._sync_now()
         tracks_drift = self._tracks_drift()
         compensable, conv_input = self._link.resolve(input, self.compensation or tracks_drift,
                                                      self._warn_once)
-        compensate_now = compensable and self.compensation
-        sync = self._sync_now()
+        compensate = compensable and self.compensation
+        windowed = self._effective_window > 1
+        recompute = windowed and self._recomputes()  # gradient checkpointing's second pass
+        record = windowed and not recompute
+        derivable = compensable and conv_input is not None and self.binding.trainable
+        derive = derivable and (
+            (compensate and (record or (recompute and self._window.pending and
+                                        not self._window.pending_compensable)))
+            or (tracks_drift and not recompute))
+
         # statistics in float32 or wider: autocast would run the window's products in half
         with torch.autocast(input.device.type, enabled=False):
             batch = batch_statistics(input, self.process_group, sync)
-            state, recompute = self._iteration_state(batch, compensate_now, sync)
+            state = self._iteration_state(compensate, sync, start=not recompute) \
+                if windowed else None
             with torch.no_grad():
                 mean_bar, var_bar, inv_k = (
                     (batch.pooled_mean, batch.pooled_var, None) if state is None else
@@ -400,7 +411,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if batch.num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
-        terms = state.grad_terms if compensate_now and state is not None else None
+        terms = state.grad_terms if compensate and state is not None else None
         binding = self.binding if terms is not None else None
         out = NormalizeWithWindow.apply(
             input, self.weight, self.bias, None if binding is None else binding.weight,
@@ -408,45 +419,37 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             batch.total, self.process_group if sync else None, terms)
         self.last_mean, self.last_var = mean_bar, var_bar
 
-        derivable = compensable and conv_input is not None and self.binding.trainable
-        window = self._window
-        if recompute:  # gradient checkpointing: the entry is recorded, its derivatives may not be
-            if compensate_now and derivable and window.pending and \
-                    not window.pending_compensable:
-                window.fill_derivatives(self._derivatives(conv_input, input, batch), batch.finite)
+        derivatives = self._derivatives(conv_input, input, batch) if derive else None
+        if recompute:  # the entry was recorded by the first pass; its derivatives may not be
+            if derivatives is not None:
+                self._window.fill_derivatives(derivatives, batch.finite)
             return out
-        record = state is not None and window.capacity > 0
-        derivatives = None
-        if derivable and ((compensate_now and record) or tracks_drift):
-            derivatives = self._derivatives(conv_input, input, batch)
         if record:
-            if not window.pending:
-                window.open_pending()
-            window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
-                          derivatives if compensate_now else None, count_positions=self.sync)
+            if not self._window.pending:
+                self._window.open_pending()
+            self._window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
+                                derivatives if compensate else None, count_positions=self.sync)
         if self.track_running_stats:
             self._update_running_stats(batch, mean_bar, var_bar, state, derivatives)
         return out
 
-    def _iteration_state(self, batch: BatchStatistics, compensate_now: bool,
-                         sync: bool) -> Tuple[Optional[IterationState], bool]:
-        """This iteration's window (None: the batch alone, during burn-in or as BN), and whether
-        this call recomputes an earlier one (gradient checkpointing)."""
-        if self._effective_window == 1:
-            return None, False
+    def _recomputes(self) -> bool:
+        """Whether this call recomputes one this iteration already made: a call from inside a
+        backward pass (gradient checkpointing), known on the host (comparing statistics would
+        sync); without ``iteration``, only if the conv's weight did not change in place since."""
         state = self._state
-        compiling = is_compiling()
-        # a call from inside a backward pass is a gradient checkpoint's recomputation of a call
-        # this iteration already made (known on the host: comparing statistics would sync);
-        # without `iteration`, unless the conv's weight changed in place since
-        if state is not None and not self._new_iteration and not compiling and \
-                torch._C._current_graph_task_id() != -1 and (
-                    self._counts_iterations or
-                    state.weight_version in (None, self._weight_version())):
-            return state, True
-        if state is None or self._new_iteration or not self._counts_iterations:
+        return (state is not None and not self._new_iteration and not is_compiling() and
+                torch._C._current_graph_task_id() != -1 and
+                (self._counts_iterations or state.weight_version in (None, self._weight_version())))
+
+    def _iteration_state(self, compensate: bool, sync: bool, start: bool) -> IterationState:
+        """This iteration's window at the current weights; computed by the iteration's first call
+        (``start``: not a recomputation), reused by the others."""
+        state = self._state
+        if start and (state is None or self._new_iteration or not self._counts_iterations):
             window = self._window
-            if window.pending and not window.pending_compensable and compensate_now and \
+            compiling = is_compiling()
+            if window.pending and not window.pending_compensable and compensate and \
                     self.binding.trainable and not compiling:
                 self._warn_once('underived', (
                     f'is bound to {self.binding.name} but could not read its input, so its '
@@ -457,12 +460,12 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             window.commit_pending()
             state = self._state = start_iteration(
                 window, window.recent(self._effective_window - 1),
-                self.binding if compensate_now else None, self.window_grad,
+                self.binding if compensate else None, self.window_grad,
                 self.process_group if sync else None, sync)
             if not compiling:
                 state.weight_version = self._weight_version()
             self._new_iteration = False
-        return state, False
+        return state
 
     def _derivatives(self, conv_input: Tensor, output: Tensor,
                      batch: Optional[BatchStatistics]) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
