@@ -8,19 +8,23 @@ from torch import nn
 from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn, convert_cbn_to_bn
 
 
-def _trained_bn_resnet():
-    from mmdet.models.backbones import ResNet
-    torch.manual_seed(0)
-    model = ResNet(depth=18, init_cfg=None, frozen_stages=1)
+def _trained(model, input_shape):
+    """``model`` in train mode with non-trivial running statistics and affine parameters."""
     model.train()
-    for _ in range(2):  # non-trivial running statistics
-        model(torch.randn(2, 3, 32, 32))
+    for _ in range(2):
+        model(torch.randn(*input_shape))
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.5, 0.5)
     return model
+
+
+def _trained_bn_resnet():
+    from mmdet.models.backbones import ResNet
+    torch.manual_seed(0)
+    return _trained(ResNet(depth=18, init_cfg=None, frozen_stages=1), (2, 3, 32, 32))
 
 
 def test_bn_to_cbn_keeps_parameters_stats_and_binds():
@@ -120,15 +124,7 @@ def _norm_act_model():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, bias=False), BatchNormAct2d(8),
                           nn.Conv2d(8, 8, 3, bias=False), BatchNormAct2d(8, drop=0.5),
                           FrozenBatchNorm2d(8))
-    model.train()
-    for _ in range(2):
-        model(torch.randn(2, 3, 12, 12))
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.5, 0.5)
-    return model.eval()
+    return _trained(model, (2, 3, 12, 12)).eval()
 
 
 def test_norm_act_keeps_its_activation_and_drop_and_converts_back():

@@ -20,7 +20,9 @@ CONV_SHAPES = [
 
 def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
                              running_stats_source='batch', window_grad=True, seed=0, affine=True,
-                             layer_window_size=None):
+                             layer_window_size=None, compiled_from=None):
+    """Trains conv + CBN beside the float64 reference, asserting every step; ``compiled_from``:
+    from that step on, the steps run conv + CBN under ``torch.compile(fullgraph=True)``."""
     torch.manual_seed(seed)
     cin, cout, k, s, p, d, g, bias = shape
     conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
@@ -48,11 +50,19 @@ def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr
     opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
     opt_ref = torch.optim.SGD([*conv_ref.parameters(), *([gamma, beta] if affine else [])],
                               lr=lr)
+    compiled = None if compiled_from is None else torch.compile(
+        nn.Sequential(conv, cbn), backend='aot_eager', fullgraph=True)
     for step in range(steps):
         x = torch.randn(2, cin, 9, 10, dtype=torch.float64) + 0.3
-        y = conv(x)
-        target = torch.randn_like(y)
-        out = cbn(y)
+        if compiled is not None:
+            cbn.iteration = step  # a compiled step starts its iteration from here
+        if compiled is not None and step >= compiled_from:
+            out = compiled(x)
+            target = torch.randn_like(out)
+        else:
+            y = conv(x)
+            target = torch.randn_like(y)
+            out = cbn(y)
         opt.zero_grad()
         (out * target).sum().backward()
         _, out_ref, mean_ref, var_ref = ref.forward(x)

@@ -217,7 +217,7 @@ class MomentWindow(ScratchTensors):
                 self._set_derivatives(
                     merged(old[:self._groups], patch_mean), merged(old[self._groups:], sqmean_grad),
                     None if excess is None else merged(self.pending_excess, excess))
-        elif first or self.pending_compensable:
+        else:  # an entry is compensable only if every call in it was
             self.pending_compensable = False
         self.pending_positions = total
         self.pending_calls += 1
