@@ -56,6 +56,7 @@ def _shrink(cfg, data_root, prefix_train, prefix_val, ann_train, ann_val, work_d
     cfg.log_level = 'WARNING'
     if cfg.model.backbone.get('init_cfg'):
         cfg.model.backbone.init_cfg = None
+    _few_rois(cfg.model)
     dataset = cfg.train_dataloader.dataset
     dataset.data_root, dataset.ann_file = data_root, ann_train
     dataset.data_prefix = dict(img=prefix_train)
@@ -73,6 +74,15 @@ def _shrink(cfg, data_root, prefix_train, prefix_val, ann_train, ann_val, work_d
             if hook.get('precise_bn_batches'):
                 hook['precise_bn_batches'] = 2  # the re-estimation pass runs, briefly
     return cfg
+
+
+def _few_rois(model):
+    """64 RoIs per image instead of 512 (the RoI heads' convs dominate a step on tiny images)."""
+    train_cfg = model.get('train_cfg') or {}
+    if train_cfg.get('rcnn', {}).get('sampler'):
+        train_cfg.rcnn.sampler.num = 64
+    if train_cfg.get('rpn_proposal'):
+        train_cfg.rpn_proposal.max_per_img = 200
 
 
 def _train_and_check_the_window(cfg, path):

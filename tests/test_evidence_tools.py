@@ -175,8 +175,11 @@ def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):
 
 
 def test_benchmark_tool_prints_ratios_and_window_state():
+    # the demo's ResNet-18 and few RoIs: the tool's paths, at a fraction of the R50 model's time
     out = _run(['tools/benchmark.py', '--size', '64', '--models', 'faster_rcnn', '--batches', '1',
-                '--variants', 'BN', 'CBN k=2', '--repeats', '1', '--memory', '--no-inference'])
+                '--variants', 'BN', 'CBN k=2', '--repeats', '1', '--memory', '--no-inference',
+                '--cfg-options', 'model.backbone.depth=18', 'model.neck.in_channels=[64,128,256,512]',
+                'model.train_cfg.rcnn.sampler.num=32', 'model.train_cfg.rpn_proposal.max_per_img=64'])
     bn = re.search(r'\| BN \| ([0-9.]+) \| 1\.00x \| (\d+) \| 1\.00x \| 0\.0 \|', out)
     cbn = re.search(r'\| CBN k=2 \| ([0-9.]+) \| ([0-9.]+)x \| (\d+) \| ([0-9.]+)x \| ([0-9.]+) \|',
                     out)

@@ -18,6 +18,8 @@ def _build(config_name):
     register_all_modules()
     cfg = Config.fromfile(osp.join(CONFIGS, config_name))
     cfg.model.backbone.init_cfg = None
+    cfg.model.train_cfg.rcnn.sampler.num = 64  # of 512 RoIs per image: the heads' convs dominate
+    cfg.model.train_cfg.rpn_proposal.max_per_img = 200
     return MODELS.build(cfg.model)
 
 

@@ -30,7 +30,9 @@ def _data_options(root, iters=3):
         f'test_dataloader.dataset.data_root={root}', f'val_evaluator.ann_file={root}val.json',
         f'test_evaluator.ann_file={root}val.json', f'train_cfg.max_iters={iters}',
         f'train_cfg.val_interval={iters}', f'default_hooks.checkpoint.interval={iters}',
-        'custom_hooks.0.burnin_iters=1', 'default_hooks.logger.interval=1',
+        # the demo's re-estimation over 2 batches, not 100: the same path, a second instead of 20
+        'custom_hooks.0.burnin_iters=1', 'custom_hooks.0.precise_bn_batches=2',
+        'default_hooks.logger.interval=1',
         'train_dataloader.num_workers=0',
         'train_dataloader.persistent_workers=False', 'val_dataloader.num_workers=0',
         'val_dataloader.persistent_workers=False', 'test_dataloader.num_workers=0',

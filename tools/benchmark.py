@@ -18,6 +18,7 @@ derivatives of the running statistics).
 
   python tools/benchmark.py [--models mask_rcnn faster_rcnn] [--batches 1 2] [--size 512]
                             [--repeats 3] [--memory] [--device cpu|cuda]
+                            [--cfg-options model.backbone.depth=18 ...]
 """
 import argparse
 import json
@@ -31,7 +32,7 @@ import time
 os.environ.setdefault('TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD', '1')
 
 import torch  # noqa: E402
-from mmengine.config import Config  # noqa: E402
+from mmengine.config import Config, DictAction  # noqa: E402
 
 import mmcbn  # noqa: E402,F401
 from mmcbn import CrossIterationBatchNorm2d, bind_cbn_layers, convert_cbn_to_bn  # noqa: E402
@@ -70,12 +71,13 @@ BASELINE = {name: ('BN, frozen backbone' if frozen else 'BN')
             for name, (_, _, frozen) in VARIANTS.items()}
 
 
-def build_model(model_name, variant, device):
+def build_model(model_name, variant, device, cfg_options=None):
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
     register_all_modules()
     cfg = Config.fromfile(osp.join(ROOT, CONFIGS[model_name]))
     backbone_norm, head_norm, frozen = VARIANTS[variant]
+    cfg.merge_from_dict(cfg_options or {})
     m = cfg.model
     m.backbone.init_cfg = None
     m.backbone.norm_cfg = _norm(backbone_norm)
@@ -100,8 +102,8 @@ def make_batch(model, batch_size, size, with_mask, seed=0):
 class Trainer:
     """One model and its optimizer; ``step()`` is one training iteration, CBN at its full window."""
 
-    def __init__(self, model_name, variant, batch_size, size, device):
-        self.model = build_model(model_name, variant, device)
+    def __init__(self, model_name, variant, batch_size, size, device, cfg_options=None):
+        self.model = build_model(model_name, variant, device, cfg_options)
         self.model.train()
         self.data = make_batch(self.model, batch_size, size, model_name == 'mask_rcnn')
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-4, momentum=0.9)
@@ -155,7 +157,8 @@ def paired_ratio(times, name, base):
 
 
 def train_times(model_name, batch_size, args):
-    trainers = {v: Trainer(model_name, v, batch_size, args.size, args.device) for v in args.variants}
+    trainers = {v: Trainer(model_name, v, batch_size, args.size, args.device, args.cfg_options)
+                for v in args.variants}
     # after one recorded step a CBN layer compensates all window_size - 1 slots every step (one
     # batched product over the preallocated window), so two warm-up steps reach the full cost
     times = interleaved({v: t.step for v, t in trainers.items()}, 2, args.repeats)
@@ -168,8 +171,9 @@ def inference_times(model_name, args):
     from mmcv.cnn import fuse_conv_bn
     models = {}
     for variant in ('BN', 'GN', 'CBN k=4'):
-        models[variant] = build_model(model_name, variant, args.device).eval()
-    deployed = convert_cbn_to_bn(build_model(model_name, 'CBN k=4', args.device)).eval()
+        models[variant] = build_model(model_name, variant, args.device, args.cfg_options).eval()
+    deployed = convert_cbn_to_bn(
+        build_model(model_name, 'CBN k=4', args.device, args.cfg_options)).eval()
     models['CBN k=4 -> BN, folded into conv'] = fuse_conv_bn(deployed)
     data = {v: make_batch(m, 1, args.size, False) for v, m in models.items()}
 
@@ -189,7 +193,8 @@ def op_census(model_name, batch_size, args):
     from mmcbn.utils.op_census import STALLING, OpCensus
     counts = {}
     for variant in args.variants:
-        trainer = Trainer(model_name, variant, batch_size, args.size, args.device)
+        trainer = Trainer(model_name, variant, batch_size, args.size, args.device,
+                          args.cfg_options)
         warm = 1 + max((m.window_size for m in trainer.cbns), default=1)  # the window full
         for _ in range(warm):
             trainer.step()
@@ -209,7 +214,8 @@ def op_census(model_name, batch_size, args):
 
 def child_memory(model_name, variant, batch_size, args):
     """Runs in a fresh process: peak memory of a few training steps above the built model."""
-    trainer = Trainer(model_name, variant, batch_size, args.size, args.device)
+    trainer = Trainer(model_name, variant, batch_size, args.size, args.device,
+                          args.cfg_options)
     cuda = str(args.device).startswith('cuda')
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -250,6 +256,8 @@ def memory(model_name, batch_size, args):
     for variant in args.variants:
         cmd = [sys.executable, __file__, '--child', model_name, variant, str(batch_size),
                '--size', str(args.size), '--device', args.device]
+        if args.cfg_options:
+            cmd += ['--cfg-options'] + [f'{k}={v}' for k, v in args.cfg_options.items()]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         result[variant] = json.loads(out.strip().splitlines()[-1])
     return result
@@ -268,6 +276,9 @@ def main():
     parser.add_argument('--census', action='store_true',
                         help='count the compute ops of one steady training step instead of timing')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override the model config, as in mmdet\'s tools (e.g. '
+                        'model.backbone.depth=18 model.neck.in_channels=[64,128,256,512])')
     parser.add_argument('--child', nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device.startswith('cuda') and not torch.cuda.is_available():
