@@ -345,14 +345,16 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             update_running_stats(self.running_mean, self.running_var, mean_bar, var_bar,
                                  k * positions, factor, batch.finite)
             return
-        update_running_stats(self.running_mean, self.running_var, batch.pooled_mean,
-                             batch.pooled_var, positions, factor, batch.finite)
-        if self._tracks_drift() and derivatives is not None:
-            binding = self.binding
-            self._drift.update(*derivatives, batch.mean, batch.var, binding.weight,
-                               binding.bias, batch.num_positions, factor, batch.finite)
-            if not is_compiling():  # bind() registers; a copied layer joins here
-                follow_optimizer_steps(self)
+        running = (self.running_mean, self.running_var, batch.pooled_mean, batch.pooled_var,
+                   positions)
+        if not (self._tracks_drift() and derivatives is not None):
+            update_running_stats(*running, factor, batch.finite)
+            return
+        binding = self.binding
+        self._drift.update(*derivatives, batch.mean, batch.var, binding.weight, binding.bias,
+                           batch.num_positions, factor, batch.finite, running=running)
+        if not is_compiling():  # bind() registers; a copied layer joins here
+            follow_optimizer_steps(self)
 
     def _tracks_drift(self) -> bool:
         return self.compensate_running_stats and self.running_mean is not None

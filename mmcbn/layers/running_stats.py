@@ -32,31 +32,43 @@ from .conv_moments import channel_dots
 from .scratch_tensors import ScratchTensors
 
 
+def unbiased(var: Tensor, num_positions) -> Tensor:
+    """``var * n / (n - 1)`` for ``n = num_positions`` (an int, or a tensor kept on the device)."""
+    n = num_positions
+    if isinstance(n, Tensor):
+        return var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
+    return var * (n / (n - 1) if n > 1 else 1.0)
+
+
 @torch.no_grad()
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
                          num_positions, factor, finite: Tensor) -> None:
     """BN's update: ``running_* += factor * (batch - running_*)``, the variance unbiased with the
     ``num_positions`` (an int or a tensor) it was taken over; a non-finite batch (``finite``
     False) leaves both as they are. No host sync."""
-    n = num_positions
-    if isinstance(n, Tensor):
-        unbiased = var * torch.where(n > 1, n / (n - 1).clamp_min(1.0), 1.0)
-    else:
-        unbiased = var * (n / (n - 1) if n > 1 else 1.0)
-    targets = [torch.where(finite, mean, running_mean), torch.where(finite, unbiased, running_var)]
+    targets = [torch.where(finite, mean, running_mean),
+               torch.where(finite, unbiased(var, num_positions), running_var)]
+    _lerp([running_mean, running_var], targets, factor)
+
+
+def _lerp(tensors, targets, factor) -> None:
+    """``t += factor * (target - t)`` for every pair: one op for a Python factor."""
     if isinstance(factor, Tensor):  # a cumulative average's 1 / count, kept on the device
-        running_mean.lerp_(targets[0], factor)
-        running_var.lerp_(targets[1], factor)
+        for t, target in zip(tensors, targets):
+            t.lerp_(target, factor)
     else:
-        torch._foreach_lerp_([running_mean, running_var], targets, factor)
+        torch._foreach_lerp_(tensors, targets, factor)
 
 
 class RunningDrift(ScratchTensors):
     """EMAs of the per-iteration derivative terms of one layer's running statistics.
 
-    All five live in one flat tensor (``patch_mean`` ``[groups, K]``, ``var_grad`` ``[C, K]``,
-    ``bias_weight`` ``[]``, ``mean_at_own`` ``[C]``, ``var_at_own`` ``[C]``, each a view of it), so
-    a step's update is one masked blend and one in-place ``lerp_`` whatever the conv's shape.
+    All five live in one flat tensor (``patch_mean`` ``[groups, K]``, ``half_var_grad`` ``[C, K]``,
+    ``bias_weight`` ``[]``, ``mean_at_own`` ``[C]``, ``half_var_at_own`` ``[C]``, each a view of
+    it), so that a step's update, running statistics included, is one masked blend and one
+    ``lerp`` whatever the conv's shape. The variance's terms are kept halved: at the weights of
+    its own batch, ``<g_t, W_t> / 2`` is the unbiased batch variance (plus half the sampled
+    derivative's excess), which the running variance's update already holds.
     """
     tensor_names = ('state', 'one')
 
@@ -76,19 +88,19 @@ class RunningDrift(ScratchTensors):
         return self.state is None
 
     def _views(self, flat: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """``patch_mean``, ``var_grad``, ``bias_weight``, ``mean_at_own``, ``var_at_own`` of a flat
-        tensor laid out as :attr:`state`."""
+        """``patch_mean``, ``half_var_grad``, ``bias_weight``, ``mean_at_own``, ``half_var_at_own``
+        of a flat tensor laid out as :attr:`state`."""
         groups, channels, k = self._shape
         sizes = (groups * k, channels * k, 1, channels, channels)
         pm, vg, bw, mo, vo = flat.split(sizes)
         return pm.view(groups, k), vg.view(channels, k), bw.view(()), mo, vo
 
     patch_mean = property(lambda self: self._view(0), doc='``[groups, K]`` EMA of the patch means')
-    var_grad = property(lambda self: self._view(1),
-                        doc='``[C, K]`` EMA of the unbiased variance\'s derivatives')
+    half_var_grad = property(lambda self: self._view(1),
+                             doc='``[C, K]`` EMA of half the unbiased variance\'s derivatives')
     bias_weight = property(lambda self: self._view(2), doc='``[]`` EMA of 1 (the weight of b)')
     mean_at_own = property(lambda self: self._view(3), doc='``[C]`` EMA of <p_t, W_t> + b_t')
-    var_at_own = property(lambda self: self._view(4), doc='``[C]`` EMA of <g_t, W_t>')
+    half_var_at_own = property(lambda self: self._view(4), doc='``[C]`` EMA of <g_t, W_t> / 2')
 
     def _view(self, index: int) -> Optional[Tensor]:
         return None if self.empty else self._views(self.state)[index]
@@ -108,12 +120,12 @@ class RunningDrift(ScratchTensors):
     @torch.no_grad()
     def update(self, patch_mean: Tensor, sqmean_grad: Tensor, excess: Optional[Tensor],
                mean: Tensor, var: Tensor, weight: Tensor, bias: Optional[Tensor],
-               num_positions: int, factor, finite: Tensor) -> None:
+               num_positions: int, factor, finite: Tensor, running: Optional[tuple] = None) -> None:
         """Adds one batch with the EMA factor the running statistics used for it.
 
         The batch's own terms come from its moments, not from products with the weights: at the
         weights they were taken at, ``<p_t, W_t> + b_t`` is the batch mean exactly and
-        ``<g_t, W_t>`` is ``n/(n-1) * (2 var + excess)`` (Euler's identity, with the sampled
+        ``<g_t, W_t> / 2`` is ``n/(n-1) * (var + excess / 2)`` (Euler's identity, with the sampled
         derivative's :func:`~mmcbn.layers.conv_moments.identity_excess`, so that its noise cancels
         at these weights).
 
@@ -126,6 +138,9 @@ class RunningDrift(ScratchTensors):
             factor: the weight of the new batch (``momentum``, or ``1 / n`` for a cumulative mean,
                 a tensor).
             finite: a bool tensor; False leaves everything as it is (as for the running stats).
+            running: ``(running_mean, running_var, mean, var, num_positions)``: BN's update of the
+                running statistics from these moments (pooled over processes under synchronised
+                CBN), made in the same blend.
         """
         dtype = sqmean_grad.dtype
         channels, k = sqmean_grad.shape
@@ -135,20 +150,33 @@ class RunningDrift(ScratchTensors):
             self.state = torch.zeros(groups * k + channels * k + 1 + 2 * channels, dtype=dtype,
                                      device=sqmean_grad.device)
             self.one = torch.ones(1, dtype=dtype, device=sqmean_grad.device)
-        unbiased = num_positions / (num_positions - 1) if num_positions > 1 else 1.0
-        # var_grad = unbiased * (sqmean_grad - 2 mean_c p_group(c)): one fused pass over [C, K]
+        factor_n = num_positions / (num_positions - 1) if num_positions > 1 else 1.0
+        # half_var_grad = n/(n-1) * (sqmean_grad / 2 - mean_c p_group(c)): one pass over [C, K]
         per_group = channels // groups
-        mean = mean.to(dtype)
-        var_grad = torch.baddbmm(sqmean_grad.reshape(groups, per_group, k),
-                                 mean.view(groups, per_group, 1), patch_mean.unsqueeze(1),
-                                 beta=unbiased, alpha=-2.0 * unbiased)
-        var_at_own = var.to(dtype).mul(2.0 * unbiased) if excess is None else \
-            torch.add(var.to(dtype), excess, alpha=0.5).mul_(2.0 * unbiased)
-        new = torch.cat([patch_mean.reshape(-1), var_grad.reshape(-1), self.one, mean, var_at_own])
-        # a non-finite batch leaves the EMAs as they are (a where: no host sync on the flag)
+        mean, var = mean.to(dtype), var.to(dtype)
+        half_var_grad = torch.baddbmm(sqmean_grad.reshape(groups, per_group, k),
+                                      mean.view(groups, per_group, 1), patch_mean.unsqueeze(1),
+                                      beta=0.5 * factor_n, alpha=-factor_n)
+        unbiased_var = var.mul(factor_n)
+        half_var_at_own = unbiased_var if excess is None else \
+            torch.add(unbiased_var, excess, alpha=0.5 * factor_n)
+        new = [patch_mean.reshape(-1), half_var_grad.reshape(-1), self.one, mean, half_var_at_own]
+        tensors = [self.state]
+        if running is not None:
+            running_mean, running_var, r_mean, r_var, r_positions = running
+            if running_mean.dtype != dtype:  # a half-precision module: BN's update on its own
+                update_running_stats(*running, factor, finite)
+            else:
+                tensors = [running_mean, running_var, self.state]
+                r_var = unbiased_var if r_var is var and r_positions == num_positions else \
+                    unbiased(r_var.to(dtype), r_positions)
+                new = [r_mean.to(dtype), r_var] + new
+        # a non-finite batch leaves everything as it is (a where: no host sync on the flag)
+        blended = torch.where(finite, torch.cat(new), torch.cat([t.reshape(-1) for t in tensors]))
         if isinstance(factor, Tensor):
             factor = factor.to(dtype)
-        self.state.lerp_(torch.where(finite, new, self.state), factor)
+        _lerp(tensors, [b.view_as(t) for t, b in zip(tensors, blended.split(
+            [t.numel() for t in tensors]))], factor)
         self.versions = _versions(weight, bias)  # a batch at the current weights adds no drift
 
     def stale(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
@@ -163,29 +191,29 @@ class RunningDrift(ScratchTensors):
         and rebases, so that the drift is zero there: a few small ops, no sync.
 
         Idempotent: the statistics the pair describes at any other weights are unchanged."""
-        d_mean, d_var = self.rebase(weight, bias)
-        torch._foreach_add_([running_mean, running_var], [d_mean, d_var])
-        running_var.clamp_min_(0.0)
+        d_mean, d_half_var = self.rebase(weight, bias)
+        running_mean.add_(d_mean)
+        running_var.add_(d_half_var, alpha=2.0).clamp_min_(0.0)
 
     @torch.no_grad()
     def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Makes the drift zero at ``weight``/``bias``; returns how far the running mean and
-        variance had to move to get there (alone: after setting statistics valid at these
+        """Makes the drift zero at ``weight``/``bias``; returns how far the running mean and half
+        the variance had to move to get there (alone: after setting statistics valid at these
         parameters)."""
-        patch_mean, var_grad, bias_weight, _, _ = self._views(self.state)
+        patch_mean, half_var_grad, bias_weight, _, _ = self._views(self.state)
         channels = self._shape[1]
-        w = self._flat(weight, var_grad.dtype)
-        delta = torch.empty(2 * channels, dtype=var_grad.dtype, device=var_grad.device)
-        d_mean, d_var = delta.view(2, channels)
+        w = self._flat(weight, half_var_grad.dtype)
+        delta = torch.empty(2 * channels, dtype=w.dtype, device=w.device)
+        d_mean, d_half_var = delta.view(2, channels)
         self._mean_term(patch_mean, w, out=d_mean)
         if bias is not None:
             d_mean.addcmul_(bias.detach().to(w.dtype), bias_weight)
-        channel_dots(var_grad.unsqueeze(1), w, out=d_var)
-        at_own = self.state[-2 * channels:]  # mean_at_own and var_at_own, adjacent
+        channel_dots(half_var_grad.unsqueeze(1), w, out=d_half_var)
+        at_own = self.state[-2 * channels:]  # mean_at_own and half_var_at_own, adjacent
         delta.sub_(at_own)
         at_own.add_(delta)
         self.versions = _versions(weight, bias)
-        return d_mean, d_var
+        return d_mean, d_half_var
 
 
 def _versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
