@@ -60,6 +60,10 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
         state.compensated = True
         if all(compensable):
             mean, var, share = mean_hat, var_hat, use
+            # every slot used and compensated, or never used and holding zero derivatives (a
+            # non-finite batch's, a slot not yet written): shares of 1 change no gradient
+            if not sync and binding.bias is None and len(window.committed) == len(compensable):
+                share = None
         else:
             use_hat = window.compensable_mask[:, None] > 0
             mean = torch.where(use_hat, mean_hat, mean)
@@ -71,7 +75,7 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
         weights = F.pad(use, (1, 0), value=1.0)
         if share is not None:
             share = share * window.positions / pooled.clamp_min(1.0)
-    if share is not None and window_grad:
+    if state.compensated and window_grad:
         state.grad_terms = WindowGradTerms.build(share, mean, var, window.mean, window.patch_mean,
                                                  window.sqmean_grad)
     state.mean, state.var = mean, var.clamp_min(0.0)

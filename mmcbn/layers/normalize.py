@@ -122,7 +122,9 @@ def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, t: Tensor, inv
     ``weight * invstd / k``."""
     u = t * invstd * sums[1]  # -2 b / k
     neg_base = torch.addcmul(t * sums[0], u, mean, value=-1.0)  # -(a - 2 b mean) / k
-    neg_grad_mean = torch.addcmul(terms.share * neg_base, terms.clamped_mean, u)
+    if terms.share is not None:
+        neg_base = terms.share * neg_base
+    neg_grad_mean = torch.addcmul(neg_base, terms.clamped_mean, u)
     kept_u = terms.kept_share * u  # -2 d sqmean_hat
     weight_dtype, bias_dtype = ctx.conv_dtypes
     grad_w, grad_b = compensation_backward(neg_grad_mean, kept_u, terms.mean, terms.patch_mean,

@@ -36,13 +36,15 @@ class WindowGradTerms:
 
     Args:
         share: ``[S, 1]`` each slot's share in its entry: 1 for a used, compensated slot (under
-            synchronised CBN, this process's fraction of the entry's positions), else 0.
+            synchronised CBN, this process's fraction of the entry's positions), else 0. None:
+            1 for every slot (every slot is used and compensated, or holds zero derivatives and
+            is not used, and the conv has no bias: ``share`` changes nothing).
         kept_share: ``[S, C]`` the share where the entry's variance was not clamped, else 0.
         clamped_mean: ``[S, C]`` ``share * mean_hat`` where it was clamped, else 0.
         mean: ``[S, C]`` the means as recorded (this process's).
         patch_mean, sqmean_grad: ``[groups, S, K]``, ``[C, S, K]``: the recorded derivatives.
     """
-    share: Tensor
+    share: Optional[Tensor]
     kept_share: Tensor
     clamped_mean: Tensor
     mean: Tensor
@@ -55,11 +57,15 @@ class WindowGradTerms:
                 self.sqmean_grad)
 
     @classmethod
-    def build(cls, share: Tensor, mean_hat: Tensor, var_hat: Tensor, mean: Tensor,
+    def build(cls, share: Optional[Tensor], mean_hat: Tensor, var_hat: Tensor, mean: Tensor,
               patch_mean: Tensor, sqmean_grad: Tensor) -> 'WindowGradTerms':
         """From the shares, the compensated entries before the clamp and the recorded ones."""
+        kept = var_hat >= 0
+        if share is None:
+            return cls(None, kept, mean_hat.masked_fill(kept, 0.0), mean, patch_mean,
+                       sqmean_grad)
         share = share[:, None]
-        kept = share * (var_hat >= 0)
+        kept = share * kept
         return cls(share, kept, (share - kept) * mean_hat, mean, patch_mean, sqmean_grad)
 
 
