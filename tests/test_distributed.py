@@ -33,32 +33,57 @@ def _model(window_size, sync, window_grad=True):
     return conv, cbn
 
 
-def _run(conv, cbn, xs, targets, rows=slice(None), reduce=lambda t: t):
-    """SGD steps on sum_i loss_i; returns per-step outputs, input grads, param grads, stats."""
+def _run(conv, cbn, xs, targets, rows=slice(None), reduce=lambda t: t, traffic=None):
+    """SGD steps on sum_i loss_i; returns per-step outputs, input grads, param grads, stats (and
+    the floats the layer's forward and backward sent, with a ``traffic`` counter)."""
     params = [*conv.parameters(), *cbn.parameters()]
     opt = torch.optim.SGD(params, lr=0.1)
     record = []
     for it, (x, t) in enumerate(zip(xs, targets)):
         cbn.iteration = it
         x = x[rows].clone().requires_grad_()
+        if traffic is not None:
+            traffic.sent, traffic.active = 0, True
         out = cbn(conv(x))
         opt.zero_grad()
         (out * t[rows]).sum().backward()
+        sent = traffic.sent if traffic is not None else None
+        if traffic is not None:
+            traffic.active = False
         grads = [reduce(p.grad.clone()) for p in params]
         for p, g in zip(params, grads):
             p.grad = g
-        record.append(dict(out=out.detach(), x_grad=x.grad, grads=grads,
+        record.append(dict(out=out.detach(), x_grad=x.grad, grads=grads, sent=sent,
                            running_mean=cbn.running_mean.clone(),
                            running_var=cbn.running_var.clone()))
         opt.step()
     return record
 
 
+class _Traffic:
+    """Counts the floats this process hands to all_gather / all_reduce while active."""
+
+    def __init__(self):
+        self.sent, self.active = 0, False
+        self._gather, self._reduce = dist.all_gather, dist.all_reduce
+        dist.all_gather, dist.all_reduce = self._counted(self._gather, 1), \
+            self._counted(self._reduce, 0)
+
+    def _counted(self, fn, index):
+        def call(*args, **kwargs):
+            if self.active:
+                self.sent += args[index].numel()
+            return fn(*args, **kwargs)
+        return call
+
+
 def _sync_worker(rank, world_size, window_size, window_grad, path):
     conv, cbn = _model(window_size, sync=True, window_grad=window_grad)
     xs, targets = _data()
     reduce = lambda g: (dist.all_reduce(g), g)[1]  # noqa: E731  (sum of per-image losses)
-    record = _run(conv, cbn, xs, targets, rows=slice(rank, rank + 1), reduce=reduce)
+    traffic = _Traffic()
+    record = _run(conv, cbn, xs, targets, rows=slice(rank, rank + 1), reduce=reduce,
+                  traffic=traffic)
     torch.save(record, f'{path}/rank{rank}.pt')
 
 
@@ -89,6 +114,11 @@ def test_synchronised_cbn_on_2x1_images_equals_one_process_on_2(tmp_path, window
                                            msg=f'param grad, step {step}')
             torch.testing.assert_close(ranks[r][step]['running_mean'], exp['running_mean'], **tol)
             torch.testing.assert_close(ranks[r][step]['running_var'], exp['running_var'], **tol)
+            # what the README states: (2C + 1) floats for the batch and for each of the k - 1
+            # stored entries (all slots, from the first stored entry on), 2C in the backward
+            channels, entries = 6, (window_size - 1 if step else 0)
+            assert ranks[r][step]['sent'] == (2 * channels + 1) * (1 + entries) + 2 * channels, \
+                (step, ranks[r][step]['sent'])
 
 
 def _ddp_worker(rank, world_size, path):
