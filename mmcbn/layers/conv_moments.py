@@ -341,7 +341,7 @@ def channel_dots(stacked: Tensor, w: Tensor, out: Optional[Tensor] = None) -> Te
 def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tensor, weight: Tensor,
                bias: Optional[Tensor], clamp: bool = True,
                excess: Optional[Tensor] = None,
-               sqmean: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               offset: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Moves recorded moments to the current conv weights (first-order Taylor, exact for the mean).
 
     Args:
@@ -354,7 +354,8 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
             processes first).
         excess: ``[E, C]`` :func:`identity_excess` of each entry, for sampled derivatives (None:
             exact ones, whose excess is 0).
-        sqmean: ``[E, C]`` the recorded second moments ``var + mean^2``, if kept (one op fewer).
+        offset: ``[E, C]`` the recorded second moments ``var + mean^2`` plus ``excess``, if kept
+            (:class:`~mmcbn.layers.window.MomentWindow` does; ``excess`` is then not given).
 
     Returns:
         The compensated ``mean`` and ``var`` ``[E, C]``, where ``var = max(sqmean, mean^2) - mean^2``:
@@ -368,14 +369,14 @@ def compensate(mean: Tensor, var: Tensor, patch_mean: Tensor, sqmean_grad: Tenso
     # [g, C/g, K] @ [g, K, E] -> [g, C/g, E] -> [E, C]
     mean_hat = torch.bmm(w.view(groups, channels // groups, k), patch_mean.transpose(1, 2))
     mean_hat = mean_hat.view(channels, num_entries).t()
-    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old
-    if sqmean is None:
-        sqmean = torch.addcmul(var, mean, mean)
-    # [C, 1, K] @ [C, K, E] - sqmean, as channel_dots
-    sqmean_hat = torch.baddbmm(sqmean.t().unsqueeze(1), w.unsqueeze(1), sqmean_grad.transpose(1, 2),
+    # sqmean_hat = <sqmean_grad, W_t> + 2 * mean_old * b_t - sqmean_old (- excess)
+    if offset is None:
+        offset = torch.addcmul(var, mean, mean)
+        if excess is not None:
+            offset = offset + excess
+    # [C, 1, K] @ [C, K, E] - offset, as channel_dots
+    sqmean_hat = torch.baddbmm(offset.t().unsqueeze(1), w.unsqueeze(1), sqmean_grad.transpose(1, 2),
                                beta=-1.0).view(channels, num_entries).t()
-    if excess is not None:
-        sqmean_hat = sqmean_hat.sub_(excess)
     if bias is not None:
         b = bias.detach().to(mean.dtype)
         mean_hat = mean_hat + b

@@ -55,8 +55,7 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
         with torch.no_grad():  # every slot at once: one batched product, no gather
             mean_hat, var_hat = compensate(window.mean, window.var, window.patch_mean,
                                            window.sqmean_grad, binding.weight, binding.bias,
-                                           clamp=False, excess=window.excess,
-                                           sqmean=window.sqmean)
+                                           clamp=False, offset=window.offset)
         state.compensated = True
         if all(compensable):
             mean, var, share = mean_hat, var_hat, use
