@@ -43,6 +43,8 @@ SHAPES = {
     # needs a gradient (3 GEMMs per conv step), the stem's input (the image) does not (2 GEMMs)
     '1x1 256->1024 @32': (256, 1024, 1, 1, 0, 32),
     '3x3 256->256 @32': (256, 256, 3, 1, 1, 32),
+    # a detector's stride-8 map (512 px images): the sampled derivative reads 1/16 of the positions
+    '3x3 256->256 @64': (256, 256, 3, 1, 1, 64),
     'stem 7x7 3->64 /2 @256': (3, 64, 7, 2, 3, 256),
     # almost no arithmetic: the step time is the cost per op (dispatch, and on a GPU the launch)
     # and the layer's Python, a fixed cost per layer and step whatever the conv
@@ -146,7 +148,7 @@ def run(args):
         names += ['BN compiled', 'CBN k=4 compiled']
     rows = []
     for shape_name, shape in SHAPES.items():
-        if args.shapes and shape_name.split()[0] not in args.shapes:
+        if args.shapes and not {shape_name, shape_name.split()[0]} & set(args.shapes):
             continue
         torch.manual_seed(0)
         cin, _, _, _, _, size = shape
@@ -201,11 +203,16 @@ def main():
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--compile', action='store_true',
                         help='also BN and CBN k=4 under torch.compile (inductor)')
-    parser.add_argument('--shapes', nargs='*', choices=[n.split()[0] for n in SHAPES],
-                        help='only these conv shapes (by first word)')
+    parser.add_argument('--shapes', nargs='*', metavar='SHAPE',
+                        help='only these conv shapes, by name or first word: ' + ', '.join(
+                            repr(n) for n in SHAPES))
     parser.add_argument('--sync-debug', action='store_true',
                         help="CUDA: count host syncs per variant (set_sync_debug_mode('warn'))")
     args = parser.parse_args()
+    known = set(SHAPES) | {n.split()[0] for n in SHAPES}
+    if args.shapes and not set(args.shapes) <= known:
+        parser.error(f'--shapes: unknown {sorted(set(args.shapes) - known)}; choose from '
+                     f'{sorted(known)}')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: no CUDA device is available')
     run(args)

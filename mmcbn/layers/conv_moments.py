@@ -429,9 +429,10 @@ def identity_excess(sqmean_grad: Tensor, weight: Tensor, bias: Optional[Tensor],
     compensation must subtract it (else its noise enters through the identity; :func:`compensate`'s
     ``excess``)."""
     channels = weight.shape[0]
-    w = weight.detach().to(sqmean_grad.dtype).reshape(channels, -1)
-    excess = channel_dots(sqmean_grad.unsqueeze(1), w).view(channels)
-    excess = excess - 2.0 * torch.addcmul(var, mean, mean)
+    w = weight.detach().to(sqmean_grad.dtype).reshape(channels, 1, -1)
+    # [C, 1, K] @ [C, K, 1] - 2 sqmean, as channel_dots
+    excess = torch.baddbmm(torch.addcmul(var, mean, mean).view(channels, 1, 1), w,
+                           sqmean_grad.unsqueeze(-1), beta=-2.0).view(channels)
     if bias is not None:
         excess = excess.addcmul_(bias.detach().to(excess.dtype), mean, value=2.0)
     return excess

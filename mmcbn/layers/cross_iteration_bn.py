@@ -142,8 +142,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._link = ProducerLink()
         self._state: Optional[IterationState] = None
         self._warned: set = set()
+        #: The mean the last training call normalised with (the window's average).
         self.last_mean: Optional[Tensor] = None
-        self.last_var: Optional[Tensor] = None
+        self._last_var_eps: Optional[Tensor] = None
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -158,6 +159,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             raise ValueError(f'effective_window must be in [1, window_size={self.window_size}], '
                              f'got {value}')
         self._effective_window = value
+
+    @property
+    def last_var(self) -> Optional[Tensor]:
+        """The variance the last training call normalised with (the window's average)."""
+        return None if self._last_var_eps is None else self._last_var_eps - self.eps
 
     @property
     def iteration(self) -> Optional[int]:
@@ -328,8 +334,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         return self._drift.nbytes()
 
     @torch.no_grad()
-    def _update_running_stats(self, batch: BatchStatistics, mean_bar: Tensor, var_bar: Tensor,
-                              state: Optional[IterationState],
+    def _update_running_stats(self, batch: BatchStatistics, state: Optional[IterationState],
                               derivatives: Optional[Tuple[Tensor, Tensor, Optional[Tensor]]]
                               ) -> None:
         """BN's update from this call (from the window's estimate with
@@ -342,8 +347,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         positions = batch.total if batch.total is not None else batch.num_positions
         if self.running_stats_source == 'window':
             k = 1.0 if state is None or state.mean is None else state.num_entries
-            update_running_stats(self.running_mean, self.running_var, mean_bar, var_bar,
-                                 k * positions, factor, batch.finite)
+            update_running_stats(self.running_mean, self.running_var, self.last_mean,
+                                 self.last_var, k * positions, factor, batch.finite)
             return
         running = (self.running_mean, self.running_var, batch.pooled_mean, batch.pooled_var,
                    positions)
@@ -376,11 +381,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         # the running statistics nor their compensation there either
         if self.training and (self._effective_window > 1 or self._sync_now() or
                               self.track_running_stats):
-            return self._forward_window(input)
+            return self._forward_training(input)
         self._link.captured = None
         return super().forward(input)
 
-    def _forward_window(self, input: Tensor) -> Tensor:
+    def _forward_training(self, input: Tensor) -> Tensor:
         """One training call: the batch's statistics, this iteration's window at the current
         weights (once per iteration), the normalisation, the record of the batch's entry and the
         running statistics' update."""
@@ -407,9 +412,11 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             state = self._iteration_state(compensate, sync, start=not recompute) \
                 if windowed else None
             with torch.no_grad():
-                mean_bar, var_bar, inv_k = (
+                mean_bar, var_eps, inv_k = (
                     (batch.pooled_mean, batch.pooled_var, None) if state is None else
-                    window_average(state, batch.pooled_mean, batch.pooled_var))
+                    window_average(state, batch.pooled_mean, batch.pooled_var, self.eps))
+                if inv_k is None:  # the batch alone: BN's statistics
+                    var_eps = var_eps + self.eps
         if batch.num_positions == 1 and inv_k is None and not sync:
             raise ValueError(f'Expected more than 1 value per channel when training, got input '
                              f'size {tuple(input.shape)}')
@@ -417,9 +424,9 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         binding = self.binding if terms is not None else None
         out = NormalizeWithWindow.apply(
             input, self.weight, self.bias, None if binding is None else binding.weight,
-            None if binding is None else binding.bias, mean_bar, var_bar, inv_k, self.eps,
+            None if binding is None else binding.bias, mean_bar, var_eps, inv_k,
             batch.total, self.process_group if sync else None, terms)
-        self.last_mean, self.last_var = mean_bar, var_bar
+        self.last_mean, self._last_var_eps = mean_bar, var_eps
 
         derivatives = self._derivatives(conv_input, input, batch) if derive else None
         if recompute:  # the entry was recorded by the first pass; its derivatives may not be
@@ -432,7 +439,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
                                 derivatives if compensate else None, count_positions=self.sync)
         if self.track_running_stats:
-            self._update_running_stats(batch, mean_bar, var_bar, state, derivatives)
+            self._update_running_stats(batch, state, derivatives)
         return out
 
     def _recomputes(self) -> bool:

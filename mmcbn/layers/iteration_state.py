@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .conv_moments import compensate, mixture_moments, output_moments
+from .conv_moments import compensate, output_moments
 from .distributed import pool_moments
 from .records import BatchStatistics, IterationState, WindowGradTerms
 from .torch_features import is_compiling
@@ -80,18 +80,24 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
     state.mean, state.var = mean, var.clamp_min(0.0)
     state.num_entries = weights.sum()
     state.weights = weights / state.num_entries
+    state.one = window.one
     return state
 
 
-def window_average(state: IterationState, mean: Tensor,
-                   var: Tensor) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The current batch's statistics averaged with the window's entries, and the current batch's
-    share of the average (``1/k``; None without entries)."""
+def window_average(state: IterationState, mean: Tensor, var: Tensor,
+                   eps: float) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The current batch's statistics averaged with the window's entries (the variance plus
+    ``eps``, as the normalisation uses it), and the current batch's share of the average (``1/k``;
+    None without entries: then the variance is returned as it is)."""
     if state.mean is None:
         return mean, var, None
-    mean_bar, var_bar = mixture_moments(state.weights, torch.cat([mean[None], state.mean]),
-                                        torch.cat([var[None], state.var]))
-    return mean_bar, var_bar, state.weights[0]
+    shares = state.weights[None]  # [1, 1 + S]
+    means = torch.cat([mean[None], state.mean])
+    mean_bar = shares @ means
+    spread = means - mean_bar  # the variance about the pooled mean: no E[y^2] - E[y]^2
+    var_eps = torch.addmm(state.one, shares, torch.cat([var[None], state.var]).addcmul_(
+        spread, spread), beta=eps)
+    return mean_bar[0], var_eps[0], state.weights[0]
 
 
 def describe_window(state: Optional[IterationState], window: MomentWindow,

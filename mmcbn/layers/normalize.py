@@ -17,8 +17,9 @@ from .records import WindowGradTerms
 
 
 class NormalizeWithWindow(torch.autograd.Function):
-    """``out = weight * (x - mean) / sqrt(var + eps) + bias`` with ``mean``/``var`` pooled from the
-    current batch (``M`` positions) and the window, ``k = 1 / inv_k`` entries in all.
+    """``out = weight * (x - mean) / sqrt(var_eps) + bias`` with ``mean`` and ``var_eps`` (the
+    variance plus BN's eps) pooled from the current batch (``M`` positions) and the window,
+    ``k = 1 / inv_k`` entries in all.
 
     The gradient through the current batch's share of ``mean``/``var`` is BN's with the batch size
     ``M`` replaced by ``k * M``:
@@ -42,17 +43,17 @@ class NormalizeWithWindow(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                 conv_weight: Optional[Tensor], conv_bias: Optional[Tensor], mean: Tensor,
-                var: Tensor, inv_k: Optional[Tensor], eps: float, sync_count: Optional[Tensor],
+                var_eps: Tensor, inv_k: Optional[Tensor], sync_count: Optional[Tensor],
                 group, terms: Optional[WindowGradTerms]) -> Tensor:
-        ctx.eps, ctx.group, ctx.with_terms = eps, group, terms is not None
+        ctx.group, ctx.with_terms = group, terms is not None
         ctx.conv_weight_shape = None if conv_weight is None else conv_weight.shape
         ctx.conv_dtypes = (None if conv_weight is None else conv_weight.dtype,
                            None if conv_bias is None else conv_bias.dtype)
         # the window's tensors are inputs like any other: the ring changes only when the next
         # iteration starts (window.MomentWindow), so a backward after that fails loudly
-        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var + eps), inv_k, sync_count,
+        ctx.save_for_backward(x, weight, mean, torch.rsqrt(var_eps), inv_k, sync_count,
                               *(terms.tensors() if terms is not None else ()))
-        return torch.batch_norm(x, weight, bias, mean, var, False, 0.0, eps,
+        return torch.batch_norm(x, weight, bias, mean, var_eps, False, 0.0, 0.0,
                                 torch.backends.cudnn.enabled)
 
     @staticmethod
@@ -75,7 +76,7 @@ class NormalizeWithWindow(torch.autograd.Function):
             if need_x and inv_k is not None and weight is not None:
                 bn_weight = (weight * inv_k).to(weight.dtype)
             grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, bn_weight, None, None, mean, invstd, True, ctx.eps,
+                grad_out, x, bn_weight, None, None, mean, invstd, True, 0.0,
                 [need_x, need_w or need_conv, need_b or need_conv])
             if grad_x is not None and inv_k is not None:
                 if weight is None:  # affine=False: no weight to carry 1/k
@@ -88,9 +89,9 @@ class NormalizeWithWindow(torch.autograd.Function):
         else:
             # the eval-mode kernel gives the local sums (grad_bias = sum(dy), grad_weight =
             # sum(dy * xhat)); the input and conv gradients need them summed over processes
-            var = invstd.reciprocal().square() - ctx.eps
+            var_eps = invstd.reciprocal().square()
             _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
-                grad_out, x, torch.ones_like(invstd), mean, var, None, None, False, ctx.eps,
+                grad_out, x, torch.ones_like(invstd), mean, var_eps, None, None, False, 0.0,
                 [False, True, True])
             grad_weight = sum_dy_xhat.to(weight.dtype) if need_w else None
             grad_bias = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) \
@@ -112,7 +113,7 @@ class NormalizeWithWindow(torch.autograd.Function):
                 grad_conv_weight, grad_conv_bias = _window_conv_grads(ctx, terms, sums,
                                                                       batch_scale, invstd, mean)
         return (grad_x, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias, None, None, None,
-                None, None, None, None)
+                None, None, None)
 
 
 def _window_conv_grads(ctx, terms: WindowGradTerms, sums: Tensor, t: Tensor, invstd: Tensor,

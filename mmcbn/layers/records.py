@@ -81,3 +81,4 @@ class IterationState:
     grad_terms: Optional[WindowGradTerms] = None  # for the gradient through the entries
     compensated: bool = False  # the entries were moved to the current weights (if they could be)
     weight_version: Optional[int] = None  # the bound conv weight's version counter (eager only)
+    one: Optional[Tensor] = None  # [1] a constant (the average adds eps through it)
