@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from mmcbn import CrossIterationBatchNorm2d
-from test_layer import CONV_SHAPES, _train_against_reference
+from reference_training import CONV_SHAPES, train_against_reference
 
 WARM_STEPS = 5  # the window is full from the 5th step on (3 entries and one pending)
 
@@ -85,7 +85,7 @@ def test_compiled_block_matches_float64_reference(window_grad):
     """The compiled layer against the independent float64 autograd reference, steady steps:
     outputs, pooled statistics, every gradient and the running statistics."""
     torch._dynamo.reset()
-    cbn = _train_against_reference(CONV_SHAPES[0], 4, True, True, steps=WARM_STEPS + 3,
+    cbn = train_against_reference(CONV_SHAPES[0], 4, True, True, steps=WARM_STEPS + 3,
                                    window_grad=window_grad, compiled_from=WARM_STEPS)
     assert cbn.window_stats()['mean'].shape[0] == 3
 

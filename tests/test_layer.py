@@ -1,90 +1,12 @@
 """CrossIterationBatchNorm2d against independent references: a float64 autograd CBN, nn.BatchNorm2d."""
-import copy
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from cbn_reference import ReferenceCBN
+from reference_training import CONV_SHAPES, train_against_reference
 from mmcbn import CrossIterationBatchNorm2d
-
-CONV_SHAPES = [
-    # in, out, kernel, stride, padding, dilation, groups, bias
-    (4, 6, 3, 1, 1, 1, 1, True),
-    (6, 6, 3, 2, 2, 2, 6, False),  # depthwise, strided, dilated
-    (4, 8, 1, 1, 0, 1, 2, True),  # grouped 1x1
-    (3, 8, 7, 2, 3, 1, 1, False),  # stem
-]
-
-
-def _train_against_reference(shape, window_size, compensation, bind, steps=6, lr=0.05,
-                             running_stats_source='batch', window_grad=True, seed=0, affine=True,
-                             layer_window_size=None, compiled_from=None):
-    """Trains conv + CBN beside the float64 reference, asserting every step; ``compiled_from``:
-    from that step on, the steps run conv + CBN under ``torch.compile(fullgraph=True)``."""
-    torch.manual_seed(seed)
-    cin, cout, k, s, p, d, g, bias = shape
-    conv = nn.Conv2d(cin, cout, k, s, p, d, g, bias=bias).double()
-    # the reference keeps BN's plain EMA; the compensated running statistics have their own
-    # reference in test_running_stats.py
-    cbn = CrossIterationBatchNorm2d(cout, window_size=layer_window_size or window_size,
-                                    compensation=compensation,
-                                    running_stats_source=running_stats_source,
-                                    window_grad=window_grad, affine=affine,
-                                    compensate_running_stats=False).double()
-    cbn.effective_window = window_size  # below the layer's window_size: the newest entries
-    if affine:
-        nn.init.uniform_(cbn.weight, 0.5, 1.5)
-        nn.init.uniform_(cbn.bias, -0.5, 0.5)
-        gamma = cbn.weight.detach().clone().requires_grad_()
-        beta = cbn.bias.detach().clone().requires_grad_()
-    else:
-        gamma = torch.ones(cout, dtype=torch.float64)
-        beta = torch.zeros(cout, dtype=torch.float64)
-    if bind:
-        cbn.bind(conv, 'conv')
-    conv_ref = copy.deepcopy(conv)
-    ref = ReferenceCBN(conv_ref, gamma, beta, window_size, compensation=compensation,
-                       running_stats_source=running_stats_source, window_grad=window_grad)
-    opt = torch.optim.SGD([*conv.parameters(), *cbn.parameters()], lr=lr)
-    opt_ref = torch.optim.SGD([*conv_ref.parameters(), *([gamma, beta] if affine else [])],
-                              lr=lr)
-    compiled = None if compiled_from is None else torch.compile(
-        nn.Sequential(conv, cbn), backend='aot_eager', fullgraph=True)
-    for step in range(steps):
-        x = torch.randn(2, cin, 9, 10, dtype=torch.float64) + 0.3
-        if compiled is not None:
-            cbn.iteration = step  # a compiled step starts its iteration from here
-        if compiled is not None and step >= compiled_from:
-            out = compiled(x)
-            target = torch.randn_like(out)
-        else:
-            y = conv(x)
-            target = torch.randn_like(y)
-            out = cbn(y)
-        opt.zero_grad()
-        (out * target).sum().backward()
-        _, out_ref, mean_ref, var_ref = ref.forward(x)
-        opt_ref.zero_grad()
-        (out_ref * target).sum().backward()
-        close = dict(rtol=1e-9, atol=1e-10)
-        torch.testing.assert_close(out, out_ref, **close)
-        torch.testing.assert_close(cbn.last_mean, mean_ref, **close)
-        torch.testing.assert_close(cbn.last_var, var_ref, **close)
-        torch.testing.assert_close(conv.weight.grad, conv_ref.weight.grad, **close)
-        if bias:
-            torch.testing.assert_close(conv.bias.grad, conv_ref.bias.grad, **close)
-        if affine:
-            torch.testing.assert_close(cbn.weight.grad, gamma.grad, **close)
-            torch.testing.assert_close(cbn.bias.grad, beta.grad, **close)
-        torch.testing.assert_close(cbn.running_mean, ref.running_mean, **close)
-        torch.testing.assert_close(cbn.running_var, ref.running_var, **close)
-        opt.step()
-        opt_ref.step()
-    cbn.reference = ref
-    return cbn
-
 
 @pytest.mark.parametrize('shape', CONV_SHAPES)
 @pytest.mark.parametrize('window_size', [2, 3, 5])
@@ -94,7 +16,7 @@ def test_matches_float64_reference(shape, window_size, bind, window_grad):
     """Outputs, statistics and every gradient (input, conv weight and bias, affine) over SGD
     steps: with ``window_grad`` autograd through the compensated entries to the current conv
     parameters, without it the paper's constants."""
-    cbn = _train_against_reference(shape, window_size, True, bind, steps=window_size + 3,
+    cbn = train_against_reference(shape, window_size, True, bind, steps=window_size + 3,
                                    window_grad=window_grad)
     assert cbn.window_stats()['mean'].shape[0] == window_size - 1  # the full window was used
     assert cbn.binding is not None
@@ -103,21 +25,21 @@ def test_matches_float64_reference(shape, window_size, bind, window_grad):
 def test_effective_window_below_the_ring_uses_the_newest_entries():
     """A layer of window 6 run at effective window 3 (window growth) is the window-3 reference:
     the entries it uses are the two newest, by age."""
-    cbn = _train_against_reference(CONV_SHAPES[0], 3, True, True, steps=8, layer_window_size=6)
+    cbn = train_against_reference(CONV_SHAPES[0], 3, True, True, steps=8, layer_window_size=6)
     assert cbn.window_stats()['mean'].shape[0] == 2
 
 
 @pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
 def test_without_affine_parameters_matches_float64_reference(window_grad):
     """affine=False: the input gradient (seen through the conv's) has no weight to carry 1/k."""
-    _train_against_reference(CONV_SHAPES[0], 3, True, True, window_grad=window_grad, affine=False)
+    train_against_reference(CONV_SHAPES[0], 3, True, True, window_grad=window_grad, affine=False)
 
 
 @pytest.mark.parametrize('window_grad', [True, False], ids=['window_grad', 'stop_grad'])
 def test_clamped_entries_match_float64_reference(window_grad):
     """Large steps push compensated second moments below the squared mean: the clamp's gradient
     is autograd's of max(sqmean_hat, mean_hat^2)."""
-    cbn = _train_against_reference(CONV_SHAPES[0], 5, True, True, steps=10, lr=2.0,
+    cbn = train_against_reference(CONV_SHAPES[0], 5, True, True, steps=10, lr=2.0,
                                    window_grad=window_grad)
     assert cbn.reference.num_clamped > 0
 
@@ -127,7 +49,7 @@ def test_window_grad_changes_the_conv_gradient():
     for the other mode."""
     grads = []
     for window_grad in (True, False):
-        cbn = _train_against_reference(CONV_SHAPES[0], 3, True, True, steps=3,
+        cbn = train_against_reference(CONV_SHAPES[0], 3, True, True, steps=3,
                                        window_grad=window_grad)
         grads.append(cbn.binding.weight.grad.clone())
     assert (grads[0] - grads[1]).abs().max() > 1e-3 * grads[1].abs().max()
@@ -135,12 +57,12 @@ def test_window_grad_changes_the_conv_gradient():
 
 @pytest.mark.parametrize('source', ['window', 'batch'])
 def test_running_statistics_from_either_source_match_reference(source):
-    _train_against_reference(CONV_SHAPES[0], 3, True, True, running_stats_source=source)
+    train_against_reference(CONV_SHAPES[0], 3, True, True, running_stats_source=source)
 
 
 @pytest.mark.parametrize('window_size', [2, 4])
 def test_naive_cbn_matches_reference_without_compensation(window_size):
-    cbn = _train_against_reference(CONV_SHAPES[0], window_size, False, True)
+    cbn = train_against_reference(CONV_SHAPES[0], window_size, False, True)
     assert cbn.window.sqmean_grad is None  # naive CBN never computes derivatives
 
 

@@ -11,12 +11,12 @@ def test_graph_binding_without_the_default_hooks_query_is_exact(monkeypatch):
     """torch 2.1 has no ``_top_saved_tensors_default_hooks``: a layer nobody bound still binds
     from the graph and reads its conv's input there (the saved tensor itself tells whether a hook
     holds it), so it is compensated exactly as on a newer torch: the float64 reference."""
-    from test_layer import CONV_SHAPES, _train_against_reference
+    from reference_training import CONV_SHAPES, train_against_reference
     monkeypatch.delattr(torch._C._autograd, '_top_saved_tensors_default_hooks', raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter('error', UserWarning)  # nothing to report
         warnings.filterwarnings('ignore', message='mmcbn: CBN layers are training without CBNHook')
-        cbn = _train_against_reference(CONV_SHAPES[0], 3, True, bind=False, steps=6)
+        cbn = train_against_reference(CONV_SHAPES[0], 3, True, bind=False, steps=6)
     assert cbn.binding is not None and cbn.window_stats()['mean'].shape[0] == 2
 
 
