@@ -47,6 +47,76 @@ def test_compare_norms_evaluates_bn_models_three_ways(tiny_shapes, tmp_path):
     assert (tmp_path / 'compare_norms.png').stat().st_size > 1000
 
 
+class _Detector(nn.Module):
+    """What compare_norms' evaluation needs of an mmdet model: conv + CBN (window 1: BN with the
+    tracked derivatives), a data preprocessor and a loss mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.norm = CrossIterationBatchNorm2d(6, window_size=1)
+        self.norm.bind(self.conv)
+        self.data_preprocessor = lambda batch, training: dict(inputs=batch)
+        self.target = torch.randn(1, 6, 8, 8)
+
+    def forward(self, inputs, mode='loss'):
+        return dict(loss=(self.norm(self.conv(inputs)) * self.target).mean())
+
+
+def test_compare_norms_evaluates_the_ema_the_compensated_ema_and_precise_statistics():
+    """Each of the three evaluations sees the statistics it is named for, each checked against an
+    independent value: BN's EMA of the very batches (nn.BatchNorm2d), the layer's buffers moved
+    with the weights (not the EMA), and the population statistics of the precise batches at the
+    final weights."""
+    from types import SimpleNamespace
+    compare_norms = load_tool('compare_norms')
+    torch.manual_seed(0)
+    model = _Detector()
+    plain = compare_norms.PlainRunningStats(model)
+    bn = nn.BatchNorm2d(6)
+    opt = torch.optim.SGD(model.parameters(), lr=2.0)
+    for it in range(5):
+        model.norm.iteration = it
+        x = torch.randn(2, 3, 8, 8) + it
+        with torch.no_grad():
+            bn(model.conv(x))  # BN's EMA of the same batches
+        loss = model(x)['loss']
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    precise_images = torch.randn(4, 3, 8, 8) * 2 + 1
+
+    class Loader:
+        batch_size = 2
+        batch_sampler = [[0, 1], [2, 3]]
+        dataset = precise_images
+        collate_fn = staticmethod(torch.stack)
+
+    seen = []
+
+    def evaluate():
+        seen.append((model.norm.running_mean.clone(), model.norm.running_var.clone()))
+        return {'coco/bbox_mAP': float(len(seen))}
+
+    runner = SimpleNamespace(model=model, train_dataloader=Loader(),
+                             val_loop=SimpleNamespace(run=evaluate))
+    compensated = model.norm.running_mean.clone(), model.norm.running_var.clone()
+    results = compare_norms._evaluate_three_ways(runner, plain, precise_images=4)
+    assert {k: v['coco/bbox_mAP'] for k, v in results.items()} == {
+        'EMA': 1.0, 'compensated EMA': 2.0, 'precise': 3.0}
+    (ema_mean, ema_var), (own_mean, own_var), (precise_mean, precise_var) = seen
+    torch.testing.assert_close(ema_mean, bn.running_mean)
+    torch.testing.assert_close(ema_var, bn.running_var)
+    torch.testing.assert_close(own_mean, compensated[0])
+    torch.testing.assert_close(own_var, compensated[1])
+    assert (own_mean - ema_mean).abs().max() > 1e-3  # the buffers did move with the weights
+    with torch.no_grad():
+        y = model.conv(precise_images).double()
+    torch.testing.assert_close(precise_mean.double(), y.mean((0, 2, 3)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(precise_var.double(),
+                               y.transpose(0, 1).reshape(6, -1).var(1), rtol=1e-5, atol=1e-6)
+
+
 def test_compare_norms_tracks_the_compensated_ema_the_demo_config_leaves_out(tmp_path):
     # the demo CBN config re-estimates its statistics instead (no compensated EMA); the comparison
     # evaluates the compensated EMA itself, so its CBN runs must track it and not re-estimate
@@ -176,16 +246,22 @@ def test_analyze_stats_compensates_the_stem_exactly(tiny_shapes, tmp_path):
 
 def test_benchmark_tool_prints_ratios_and_window_state():
     # the demo's ResNet-18 and few RoIs: the tool's paths, at a fraction of the R50 model's time
+    options = ['model.backbone.depth=18', 'model.neck.in_channels=[64,128,256,512]',
+               'model.train_cfg.rcnn.sampler.num=32', 'model.train_cfg.rpn_proposal.max_per_img=64']
     out = _run(['tools/benchmark.py', '--size', '64', '--models', 'faster_rcnn', '--batches', '1',
                 '--variants', 'BN', 'CBN k=2', '--repeats', '1', '--memory', '--no-inference',
-                '--cfg-options', 'model.backbone.depth=18', 'model.neck.in_channels=[64,128,256,512]',
-                'model.train_cfg.rcnn.sampler.num=32', 'model.train_cfg.rpn_proposal.max_per_img=64'])
+                '--cfg-options', *options])
     bn = re.search(r'\| BN \| ([0-9.]+) \| 1\.00x \| (\d+) \| 1\.00x \| 0\.0 \|', out)
     cbn = re.search(r'\| CBN k=2 \| ([0-9.]+) \| ([0-9.]+)x \| (\d+) \| ([0-9.]+)x \| ([0-9.]+) \|',
                     out)
     assert bn and cbn, out
-    # window 2: one stored entry of about |W| floats, plus the weight-sized running-stats EMA
-    assert float(cbn.group(5)) > 0
+    # window 2: one stored entry and this iteration's, each about |W| floats, and the running
+    # statistics' weight-sized EMA: 3 |W| floats over the weights of the convs bound to CBN
+    model = load_tool('benchmark').build_model(
+        'faster_rcnn', 'CBN k=2', 'cpu',
+        {'model.backbone.depth': 18, 'model.neck.in_channels': [64, 128, 256, 512]})
+    bound = sum(m.binding.weight.numel() for m in _cbn_layers(model))
+    assert float(cbn.group(5)) == pytest.approx(3 * bound * 4 / 2**20, rel=0.03)
 
 
 def test_benchmark_ratio_pairs_each_round_with_bn_in_that_round():
