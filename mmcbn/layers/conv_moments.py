@@ -286,11 +286,10 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     # d mean / d W: the mean patch.
     if pixels is not None:
         patch_mean = pixels.mean((0, 2, 3))
-    else:  # the weight gradient of a conv with one output channel per group, its gradient 1/M
-        # (1/C_out of the derivative's own product: summing x over the batch first saved little
-        # and cost an op)
-        ones = y.new_full((n, g, ho, wo), 1.0 / num_positions)
-        patch_mean = _weight_grad(ones, x, (g, cin_g, kh, kw), geometry, g, padding)
+    else:  # summing x over the batch first makes it a conv with one output channel per group
+        ones = y.new_full((1, g, ho, wo), 1.0 / num_positions)
+        patch_mean = _weight_grad(ones, x.sum(0, keepdim=True), (g, cin_g, kh, kw), geometry, g,
+                                  padding)
     return patch_mean.reshape(g, -1), sqmean_grad.reshape(c_out, -1)
 
 
