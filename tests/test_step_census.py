@@ -48,11 +48,12 @@ def _cbn(**kwargs):
 # go, default configuration: statistics and finiteness 3; the iteration's start (the last entry
 # into the ring, the next slot, the entries' weights) 3; the window at the current weights 3, its
 # gradient terms 2, clamp and weights 3; the average (eps included) 6; normalisation 2;
-# derivatives 5 (summing the batch before the patch mean's product is an op, and 1.5-2.5x
-# faster on the CPU than the product over the batch); the record (one row) 3; running statistics and their compensation in one blend
-# 7; loss 4; BN's backward with the batch's share 6; the gradient through the entries 8 (+1 to
-# accumulate it into the conv's gradient); conv forward/backward 2. The slot written next lives
-# on the device (what lets torch.compile trace the step once).
+# derivatives 5 (summing the batch before the patch mean's product costs an op and is 1.5-2.5x
+# faster on the CPU than the product over the batch); the record (one row) 3; running statistics
+# and their compensation in one blend 7; loss 4; BN's backward with the batch's share 6; the
+# gradient through the entries 8 (+1 to accumulate it into the conv's gradient); conv forward /
+# backward 2. The slot written next lives on the device (what lets torch.compile trace the step
+# once).
 OP_CEILINGS = {'default': 58, 'stop_grad': 47, 'naive': 37, 'plain_running_stats': 56,
                'sampled': 63, 'cumulative': 62}
 
