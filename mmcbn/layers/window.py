@@ -17,7 +17,8 @@ class MomentWindow(ScratchTensors):
 
     Each entry is one row of floats (float32 or wider), written and read whole::
 
-        mean [C] | var [C] | offset [C] | valid | compensable | positions | patch_mean [groups*K] | sqmean_grad [C*K]
+        mean [C] | var [C] | offset [C] | valid | compensable | positions
+            | patch_mean [groups * K] | sqmean_grad [C * K]
 
     ``offset`` is what the compensation subtracts: the second moment ``var + mean^2`` plus the
     sampled derivative's excess (:func:`~mmcbn.layers.conv_moments.identity_excess`; 0 for an
