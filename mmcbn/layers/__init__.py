@@ -7,7 +7,8 @@ Glossary. The words of this package, one meaning each:
 * *window*: the entries one iteration pools, the current batch included; *window size* (*k*)
   their largest number, *effective window* the number in use now (1 during burn-in);
 * *ring*: the fixed slots holding the committed entries (:class:`~mmcbn.layers.window.
-  MomentWindow`); a *slot* is one place in it; the *cursor* is the slot written next;
+  MomentWindow`); a *slot* is one place in it, holding one entry as a *row* of floats; the
+  *cursor* is the slot written next;
 * *pending*: this iteration's entry, beside the ring; *committed*: written into the ring when
   the next iteration starts;
 * *producer*: the conv whose output is the layer's input; *bound*: the layer knows it;
