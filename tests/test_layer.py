@@ -3,6 +3,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from reference_training import CONV_SHAPES, train_against_reference
@@ -469,3 +470,35 @@ def test_as_batchnorm_is_batchnorm_and_restores_the_layer():
         assert torch.equal(cbn.running_mean, running)
         cbn.train()
     assert (cbn.effective_window, cbn.sync, cbn.compensate_running_stats) == (3, True, True)
+
+
+def test_window_of_compensable_and_uncompensable_entries():
+    """Entries recorded while the conv was frozen carry no derivatives: the window uses them as
+    recorded, beside compensated ones, whose mean is the mean of their batch through the current
+    conv (exact: the mean is linear in the weights)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(6, window_size=4).double()
+    cbn.bind(conv)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5)
+    inputs = [torch.randn(2, 3, 8, 8, dtype=torch.float64) + i for i in range(4)]
+    raw_means = []
+    for it, x in enumerate(inputs):
+        cbn.iteration = it
+        conv.requires_grad_(it != 1)  # iteration 1's entry: no derivatives
+        y = conv(x)
+        raw_means.append(y.detach().mean((0, 2, 3)))
+        with torch.no_grad():  # every batch through the conv of this forward (not through the
+            # module: its forward hook would hand the layer another input than y's)
+            now = [F.conv2d(earlier, conv.weight, conv.bias, padding=1).mean((0, 2, 3))
+                   for earlier in inputs]
+        (cbn(y) * torch.randn_like(y)).sum().backward()
+        if it != 1:
+            opt.step()
+        opt.zero_grad()
+    stats = cbn.window_stats()  # the last forward's window, newest first: iterations 2, 1, 0
+    assert stats['compensated'].tolist() == [True, False, True]
+    torch.testing.assert_close(stats['mean'][0], now[2])
+    torch.testing.assert_close(stats['mean'][1], raw_means[1])  # as recorded
+    torch.testing.assert_close(stats['mean'][2], now[0])
+    assert not torch.allclose(stats['mean'][1], now[1])  # the weights did move since
