@@ -132,3 +132,28 @@ def test_compiled_shared_layer_called_twice_per_iteration_equals_eager():
         for g_c, g_e in zip(grads[1], grads[0]):
             torch.testing.assert_close(g_c, g_e, rtol=1e-4, atol=1e-5)
     assert compiled_block[1].window.pending_calls == 2
+
+
+def test_compiled_block_with_a_sampled_derivative_is_one_graph():
+    """A sampled derivative under compile: the grid's offset cycles on the device, so 12 steady
+    steps with fullgraph=True still compile at most twice, and the entries are compensated."""
+    torch._dynamo.reset()
+    conv = nn.Conv2d(4, 6, 3, padding=1, bias=False)
+    cbn = CrossIterationBatchNorm2d(6, window_size=4, derivative_positions=16)  # of 128
+    cbn.bind(conv)
+    block = nn.Sequential(conv, cbn, nn.ReLU())
+    compilations = []
+
+    def backend(gm, example_inputs):
+        compilations.append(gm)
+        return gm.forward
+
+    model = torch.compile(block, backend=backend, fullgraph=True)
+    opt = torch.optim.SGD(block.parameters(), lr=0.05)
+    for it, (x, target) in enumerate(_inputs(WARM_STEPS + 12)):
+        out, _ = _step(block, block if it < WARM_STEPS else model, opt, x, target, it)
+        assert torch.isfinite(out).all()
+    assert 1 <= len(compilations) <= 2, len(compilations)
+    stats = block[1].window_stats()
+    assert stats['compensated'].all() and stats['mean'].shape[0] == 3
+    assert not torch.equal(stats['mean'], stats['raw_mean'])  # moved to the current weights

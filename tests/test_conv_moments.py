@@ -212,3 +212,49 @@ def test_position_sample_strides_the_batch_of_small_maps():
     """RoI features: 7x7 maps, too small for the spatial strides alone."""
     sample = choose_position_sample((1000, 256, 7, 7), 100, random.Random(0))
     assert (sample.row_stride, sample.col_stride) == (7, 7) and sample.batch_stride == 10
+
+
+@pytest.mark.parametrize('cin, cout, k, s, p, d, g, size, n, budget', [
+    (4, 6, 3, 1, 1, 1, 1, 11, 3, 20),  # a map the grid does not divide: edge positions weighted 0
+    (4, 6, 3, 2, 2, 2, 2, 13, 2, 12),  # strided, dilated, grouped
+    (3, 8, 7, 2, 3, 1, 1, 17, 2, 20),  # stem-like
+    (6, 4, 3, 1, 1, 1, 1, 2, 6, 4),  # a map too small for the grid alone: every other image too
+    (4, 16, 1, 1, 0, 1, 1, 10, 3, 20),  # widening 1x1: the Gram-matrix route
+])
+def test_gathered_sample_averages_to_the_exact_derivative_over_its_cycle(cin, cout, k, s, p, d, g,
+                                                                          size, n, budget):
+    """The compiled steps' sample (device offsets cycling through every grid): averaged over one
+    cycle it is the exact derivative, since every position is taken exactly once."""
+    from mmcbn.layers.conv_moments import gathered_position_sample
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, s, p, d, g).double()
+    x = torch.randn(n, cin, size, size, dtype=torch.float64)
+    y = conv(x).detach()
+    geometry = ConvGeometry.of(conv)
+    exact = moment_derivatives(x, y, geometry, conv.weight, conv.bias)
+    first = gathered_position_sample(tuple(y.shape), budget, torch.tensor(0))
+    assert first is not None and first.inverse_probability > 1
+    cycle = first.inverse_probability
+    total = torch.zeros_like(exact[1])
+    for step in range(cycle):
+        sample = gathered_position_sample(tuple(y.shape), budget, torch.tensor(step))
+        patch_mean, sqmean_grad = moment_derivatives(x, y, geometry, conv.weight, conv.bias,
+                                                     sample)
+        torch.testing.assert_close(patch_mean, exact[0])  # the mean's derivative stays exact
+        total += sqmean_grad
+    torch.testing.assert_close(total / cycle, exact[1], rtol=1e-10, atol=1e-12)
+
+
+def test_gathered_sample_is_the_sliced_sample_inside_the_map():
+    """At one offset, on a map the grid divides, the gathered sample takes the positions the
+    sliced one takes (two implementations of one estimate)."""
+    from mmcbn.layers.conv_moments import GatheredSample
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1).double()
+    x = torch.randn(2, 4, 12, 12, dtype=torch.float64)
+    y = conv(x).detach()
+    geometry = ConvGeometry.of(conv)
+    sliced = PositionSample(3, 4, 1, 2, 1, 0)
+    gathered = GatheredSample(3, 4, 1, torch.tensor([0, 2, 1]))
+    torch.testing.assert_close(moment_derivatives(x, y, geometry, sample=gathered)[1],
+                               moment_derivatives(x, y, geometry, sample=sliced)[1])

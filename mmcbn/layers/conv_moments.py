@@ -210,6 +210,89 @@ def choose_position_sample(shape: Tuple[int, int, int, int], budget: Optional[in
                           rng.randrange(col_stride), rng.randrange(batch_stride))
 
 
+@dataclass(frozen=True)
+class GatheredSample:
+    """The grid of a :class:`PositionSample` with its offsets on the device: ``offset`` (a long
+    tensor ``[3]``: image, row, column) picks the grid, the positions are gathered with
+    ``index_select`` and those past the map's edge weighted 0. Nothing about it is a Python
+    number that changes between steps, so a compiled step traces it once (a :class:`PositionSample`
+    slices with its offsets, and each new offset is a new graph). :func:`cycling_offset` makes the
+    offset go through every grid in turn: over a cycle every position is taken once, so the
+    estimate averages to the exact sum."""
+    row_stride: int
+    col_stride: int
+    batch_stride: int
+    offset: Tensor
+
+    @property
+    def inverse_probability(self) -> int:
+        return self.row_stride * self.col_stride * self.batch_stride
+
+    def indices(self, size: int, stride: int, start: Tensor) -> Tuple[Tensor, Tensor]:
+        """``start + i * stride`` for every ``i`` a grid can reach, clamped into ``[0, size)``,
+        and whether each is inside."""
+        steps = torch.arange(-(-size // stride), device=start.device) * stride + start
+        return steps.clamp_max(size - 1), steps < size
+
+    def take(self, t: Tensor) -> Tensor:
+        """The sampled positions of an NCHW tensor laid out on the output's grid, those past
+        the edge as zeros."""
+        n, _, h, w = t.shape
+        (images, inside_n), (rows, inside_h), (cols, inside_w) = (
+            self.indices(n, self.batch_stride, self.offset[0]),
+            self.indices(h, self.row_stride, self.offset[1]),
+            self.indices(w, self.col_stride, self.offset[2]))
+        inside = inside_n[:, None, None, None] & inside_h[:, None] & inside_w
+        taken = t.index_select(0, images).index_select(2, rows).index_select(3, cols)
+        return taken * inside.to(t.dtype)
+
+
+def cycling_offset(counter: Tensor, strides: Tuple[int, int, int]) -> Tensor:
+    """The ``[3]`` offset (image, row, column) of step ``counter`` in a cycle through every grid
+    of ``strides`` (batch, row, column)."""
+    batch, rows, cols = strides
+    t = counter.remainder(batch * rows * cols)
+    return torch.stack([t // (rows * cols), t.remainder(rows), (t // rows).remainder(cols)])
+
+
+def _gathered_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding,
+                                   sample: GatheredSample, scale: float) -> Tensor:
+    """:func:`_sampled_output_patch_product` for a :class:`GatheredSample`: the input rows and
+    columns under each sampled position's kernel are gathered side by side (``kh`` rows per
+    sampled row), so that a product with the kernel's extent as its stride reads each sampled
+    patch once."""
+    (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
+    kh, kw = geometry.weight_shape[2:]
+    ph, pw = padding
+    n, _, ho, wo = y.shape
+    y = sample.take(y) * scale
+    x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    # the output positions take() kept (those past the edge clamped onto it, weighted 0 there),
+    # then the input rows and columns under their kernels
+    images, _ = sample.indices(n, sample.batch_stride, sample.offset[0])
+    rows, _ = sample.indices(ho, sample.row_stride, sample.offset[1])
+    cols, _ = sample.indices(wo, sample.col_stride, sample.offset[2])
+    rows = (rows[:, None] * sh + dh * torch.arange(kh, device=rows.device)).reshape(-1)
+    cols = (cols[:, None] * sw + dw * torch.arange(kw, device=cols.device)).reshape(-1)
+    x = x.index_select(0, images).index_select(2, rows).index_select(3, cols)
+    gathered = dataclasses.replace(geometry, stride=(kh, kw), dilation=(1, 1))
+    return _output_patch_product(y, x, gathered, (0, 0))
+
+
+def gathered_position_sample(shape: Tuple[int, int, int, int], budget: Optional[int],
+                             counter: Tensor) -> Optional[GatheredSample]:
+    """:func:`choose_position_sample`'s grid as a :class:`GatheredSample` at step ``counter`` of
+    the cycle through its offsets (what a compiled step takes), or None (all positions)."""
+    n, _, ho, wo = shape
+    if budget is None or n * ho * wo <= budget:
+        return None
+    row_stride, col_stride, batch_stride = _sample_strides(n, ho, wo, budget)
+    if row_stride * col_stride * batch_stride == 1:
+        return None
+    return GatheredSample(row_stride, col_stride, batch_stride,
+                          cycling_offset(counter, (batch_stride, row_stride, col_stride)))
+
+
 def _crop_of_padded(x: Tensor, dim: int, pad: int, start: int,
                     stop: int) -> Tuple[Tensor, int, int]:
     """Rows ``[start, stop)`` along ``dim`` of ``x`` zero-padded by ``pad`` on both sides, as the
@@ -281,8 +364,10 @@ def moment_derivatives(x: Tensor, y: Tensor, geometry: ConvGeometry,
     if sample is None:
         sqmean_grad = _output_patch_product(y, x, geometry, padding).mul_(2.0 / num_positions)
     else:
-        sqmean_grad = _sampled_output_patch_product(
-            y, x, geometry, padding, sample, 2.0 * sample.inverse_probability / num_positions)
+        product = _gathered_output_patch_product if isinstance(sample, GatheredSample) else \
+            _sampled_output_patch_product
+        sqmean_grad = product(y, x, geometry, padding, sample,
+                              2.0 * sample.inverse_probability / num_positions)
     # d mean / d W: the mean patch.
     if pixels is not None:
         patch_mean = pixels.mean((0, 2, 3))
