@@ -101,7 +101,7 @@ def test_compare_norms_evaluates_the_ema_the_compensated_ema_and_precise_statist
     runner = SimpleNamespace(model=model, train_dataloader=Loader(),
                              val_loop=SimpleNamespace(run=evaluate))
     compensated = model.norm.running_mean.clone(), model.norm.running_var.clone()
-    results = compare_norms._evaluate_three_ways(runner, plain, precise_images=4)
+    results = compare_norms.evaluate_three_ways(runner, plain, precise_images=4)
     assert {k: v['coco/bbox_mAP'] for k, v in results.items()} == {
         'EMA': 1.0, 'compensated EMA': 2.0, 'precise': 3.0}
     (ema_mean, ema_var), (own_mean, own_var), (precise_mean, precise_var) = seen
@@ -160,7 +160,7 @@ def test_compare_norms_processes_sharing_a_work_dir_keep_every_run(tmp_path):
 
     def add_runs(writer):
         for seed in range(25):
-            compare_norms._results(path, add=dict(variant=f'writer{writer}', seed=seed))
+            compare_norms.read_results(path, add=dict(variant=f'writer{writer}', seed=seed))
 
     threads = [threading.Thread(target=add_runs, args=(w, )) for w in range(4)]
     for t in threads:

@@ -120,7 +120,7 @@ MAIN_VARIANTS = list(VARIANTS)
 VARIANTS.update(_window_grad_grid())
 
 
-def _evaluate_three_ways(runner, plain_stats, precise_images=PRECISE_IMAGES):
+def evaluate_three_ways(runner, plain_stats, precise_images=PRECISE_IMAGES):
     """mAPs with the plain EMA, the compensated EMA and precise statistics (one training run)."""
     model = runner.model
     results = {}
@@ -188,7 +188,7 @@ def run_one(key, seed, work_dir, iters=None, data_root=None, precise_images=PREC
     runner.train()
     train_seconds = time.time() - start
     has_bn = any(isinstance(m, _BatchNorm) for m in runner.model.modules())
-    evals = _evaluate_three_ways(runner, plain_stats, precise_images) if has_bn else {
+    evals = evaluate_three_ways(runner, plain_stats, precise_images) if has_bn else {
         'EMA': runner.val_loop.run()}
     return dict(variant=key, seed=seed, train_seconds=round(train_seconds, 1),
                 **{f'{stats}/{metric}': float(values[f'coco/{metric}_mAP'])
@@ -243,7 +243,7 @@ def bar_chart(results, path):
     plt.close(fig)
 
 
-def _results(path: str, add: Optional[dict] = None) -> List[dict]:
+def read_results(path: str, add: Optional[dict] = None) -> List[dict]:
     """The runs in ``path``, read (and with ``add``, extended and written) under a file lock, so
     that processes sharing a work dir never drop each other's runs."""
     with open(path + '.lock', 'w') as lock:
@@ -279,13 +279,13 @@ def main():
     results_file = osp.join(args.work_dir, 'results.json')
     for seed in args.seeds:
         for key in args.variants:
-            if any(r['variant'] == key and r['seed'] == seed for r in _results(results_file)):
+            if any(r['variant'] == key and r['seed'] == seed for r in read_results(results_file)):
                 continue
             result = run_one(key, seed, args.work_dir, args.iters, args.data_root,
                              args.precise_images)
-            results = _results(results_file, add=result)
+            results = read_results(results_file, add=result)
             print(table(results), flush=True)
-    results = _results(results_file)
+    results = read_results(results_file)
     chart = osp.join(args.work_dir, 'compare_norms.png')
     bar_chart(results, chart)
     print(f'\n{table(results)}\n\nresults: {results_file}\nchart: {chart}')
