@@ -5,7 +5,6 @@ weights they were taken at, and compensates with ``W_t - W_old`` as the paper wr
 uses the package's identities or closed-form backward.
 """
 import torch
-import torch.nn.functional as F
 
 
 class ReferenceCBN:

@@ -3,7 +3,7 @@ than the naive window (the paper's central claim), checked against re-running th
 import torch
 from torch import nn
 
-from mmcbn import CrossIterationBatchNorm2d, convert_bn_to_cbn
+from mmcbn import convert_bn_to_cbn
 
 
 def _net():

@@ -1,5 +1,4 @@
 """Synchronised CBN and DDP, for real: 2 gloo processes on this machine."""
-import copy
 
 import pytest
 import torch

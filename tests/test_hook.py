@@ -1,6 +1,4 @@
 """CBNHook inside a real mmengine Runner: schedule, resume, logging, binding summary, sync_bn."""
-import copy
-import logging
 
 import pytest
 import torch

@@ -81,7 +81,7 @@ def test_running_stats_follow_the_weights(window_size, momentum, groups, bias):
                                      after_step=buffers_hold_the_mean_at_the_new_weights)
         assert checked == list(range(1, 13))  # the mean is exact, however far the weights moved
         ref_mean, ref_var = _reference(conv, batches, momentum)
-        mean, var = norm.running_mean, norm.running_var
+        var = norm.running_var
     # the variance is first order: at steps small against the weights, much closer than the
     # plain EMA, which lags by the whole drift
     _, plain, _ = _train(window_size, momentum, groups, bias, compensate=False, lr=lr)
