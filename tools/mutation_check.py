@@ -135,7 +135,8 @@ BREAKS = [
           'use_hat = window.compensable_mask[:, None] >= 0',
           ('tests/test_layer.py::test_window_of_compensable_and_uncompensable_entries', )),
     Break('gathered sample keeps the positions past the edge', 'mmcbn/layers/conv_moments.py',
-          '        return taken * inside.to(t.dtype)', '        return taken',
+          '        return _gathered(t, images, rows, cols) * inside.to(t.dtype)',
+          '        return _gathered(t, images, rows, cols)',
           ('tests/test_conv_moments.py::'
            'test_gathered_sample_averages_to_the_exact_derivative_over_its_cycle', )),
     Break('a compiled sampled derivative draws Python offsets', 'mmcbn/layers/cross_iteration_bn.py',

@@ -150,22 +150,26 @@ def _output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding)
 
 
 @dataclass(frozen=True)
-class PositionSample:
-    """A subset of a conv's output positions: every ``row_stride``-th row from ``row`` and every
-    ``col_stride``-th column from ``col``, in every ``batch_stride``-th image from ``image``. With
-    the offsets drawn uniformly, each position is in the subset with probability
-    ``1 / inverse_probability``, so a sum over the subset times that is an unbiased estimate of the
-    sum over all."""
+class SampleGrid:
+    """Every ``row_stride``-th row and ``col_stride``-th column of a conv's output, in every
+    ``batch_stride``-th image: with its offset drawn uniformly (or cycled through), each position
+    is taken with probability ``1 / inverse_probability``, so a sum over the grid times that is an
+    unbiased estimate of the sum over all positions."""
     row_stride: int
     col_stride: int
     batch_stride: int
-    row: int
-    col: int
-    image: int
 
     @property
     def inverse_probability(self) -> int:
         return self.row_stride * self.col_stride * self.batch_stride
+
+
+@dataclass(frozen=True)
+class PositionSample(SampleGrid):
+    """A :class:`SampleGrid` from the Python offsets ``row``, ``col`` and ``image``."""
+    row: int
+    col: int
+    image: int
 
     def take(self, t: Tensor) -> Tensor:
         """The sampled positions of an NCHW tensor laid out on the output's grid (a view)."""
@@ -200,51 +204,57 @@ def choose_position_sample(shape: Tuple[int, int, int, int], budget: Optional[in
     """A :class:`PositionSample` of at most about ``budget`` positions of an NCHW output, or None
     (all positions) when it has no more than that; strides from :func:`_sample_strides`, offsets
     from ``rng``."""
-    n, _, ho, wo = shape
-    if budget is None or n * ho * wo <= budget:
+    strides = _grid_strides(shape, budget)
+    if strides is None:
         return None
-    row_stride, col_stride, batch_stride = _sample_strides(n, ho, wo, budget)
-    if row_stride * col_stride * batch_stride == 1:
-        return None
+    row_stride, col_stride, batch_stride = strides
     return PositionSample(row_stride, col_stride, batch_stride, rng.randrange(row_stride),
                           rng.randrange(col_stride), rng.randrange(batch_stride))
 
 
+def _grid_strides(shape: Tuple[int, int, int, int],
+                  budget: Optional[int]) -> Optional[Tuple[int, int, int]]:
+    """The row, column and batch strides of a sample of about ``budget`` positions of an NCHW
+    output, or None when every position is taken."""
+    n, _, ho, wo = shape
+    if budget is None or n * ho * wo <= budget:
+        return None
+    strides = _sample_strides(n, ho, wo, budget)
+    return None if strides == (1, 1, 1) else strides
+
+
 @dataclass(frozen=True)
-class GatheredSample:
-    """The grid of a :class:`PositionSample` with its offsets on the device: ``offset`` (a long
-    tensor ``[3]``: image, row, column) picks the grid, the positions are gathered with
-    ``index_select`` and those past the map's edge weighted 0. Nothing about it is a Python
-    number that changes between steps, so a compiled step traces it once (a :class:`PositionSample`
-    slices with its offsets, and each new offset is a new graph). :func:`cycling_offset` makes the
-    offset go through every grid in turn: over a cycle every position is taken once, so the
-    estimate averages to the exact sum."""
-    row_stride: int
-    col_stride: int
-    batch_stride: int
+class GatheredSample(SampleGrid):
+    """A :class:`SampleGrid` with its offset on the device: ``offset`` (a long tensor ``[3]``:
+    image, row, column) picks the grid, the positions are gathered with ``index_select`` and
+    those past the map's edge weighted 0. Nothing about it is a Python number that changes
+    between steps, so a compiled step traces it once (a :class:`PositionSample` slices with its
+    offsets, and each new offset is a new graph). :func:`cycling_offset` makes the offset go
+    through every grid in turn: over a cycle every position is taken once, so the estimate
+    averages to the exact sum."""
     offset: Tensor
 
-    @property
-    def inverse_probability(self) -> int:
-        return self.row_stride * self.col_stride * self.batch_stride
+    def positions(self, n: int, h: int, w: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The images, rows and columns of the grid on an ``[n, *, h, w]`` map (those past the
+        edge clamped onto it) and ``[images, 1, rows, cols]`` whether each position is inside."""
+        def steps(size: int, stride: int, start: Tensor) -> Tuple[Tensor, Tensor]:
+            index = torch.arange(-(-size // stride), device=start.device) * stride + start
+            return index.clamp_max(size - 1), index < size
 
-    def indices(self, size: int, stride: int, start: Tensor) -> Tuple[Tensor, Tensor]:
-        """``start + i * stride`` for every ``i`` a grid can reach, clamped into ``[0, size)``,
-        and whether each is inside."""
-        steps = torch.arange(-(-size // stride), device=start.device) * stride + start
-        return steps.clamp_max(size - 1), steps < size
+        (images, inside_n), (rows, inside_h), (cols, inside_w) = (
+            steps(n, self.batch_stride, self.offset[0]), steps(h, self.row_stride, self.offset[1]),
+            steps(w, self.col_stride, self.offset[2]))
+        return images, rows, cols, inside_n[:, None, None, None] & inside_h[:, None] & inside_w
 
     def take(self, t: Tensor) -> Tensor:
         """The sampled positions of an NCHW tensor laid out on the output's grid, those past
         the edge as zeros."""
-        n, _, h, w = t.shape
-        (images, inside_n), (rows, inside_h), (cols, inside_w) = (
-            self.indices(n, self.batch_stride, self.offset[0]),
-            self.indices(h, self.row_stride, self.offset[1]),
-            self.indices(w, self.col_stride, self.offset[2]))
-        inside = inside_n[:, None, None, None] & inside_h[:, None] & inside_w
-        taken = t.index_select(0, images).index_select(2, rows).index_select(3, cols)
-        return taken * inside.to(t.dtype)
+        images, rows, cols, inside = self.positions(t.shape[0], *t.shape[2:])
+        return _gathered(t, images, rows, cols) * inside.to(t.dtype)
+
+
+def _gathered(t: Tensor, images: Tensor, rows: Tensor, cols: Tensor) -> Tensor:
+    return t.index_select(0, images).index_select(2, rows).index_select(3, cols)
 
 
 def cycling_offset(counter: Tensor, strides: Tuple[int, int, int]) -> Tensor:
@@ -264,17 +274,14 @@ def _gathered_output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry,
     (sh, sw), (dh, dw) = geometry.stride, geometry.dilation
     kh, kw = geometry.weight_shape[2:]
     ph, pw = padding
-    n, _, ho, wo = y.shape
-    y = sample.take(y) * scale
+    # the sampled output positions (those past the edge clamped onto it, weighted 0 there), then
+    # the input rows and columns under their kernels
+    images, rows, cols, inside = sample.positions(y.shape[0], *y.shape[2:])
+    y = _gathered(y, images, rows, cols) * inside.to(y.dtype) * scale
     x = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    # the output positions take() kept (those past the edge clamped onto it, weighted 0 there),
-    # then the input rows and columns under their kernels
-    images, _ = sample.indices(n, sample.batch_stride, sample.offset[0])
-    rows, _ = sample.indices(ho, sample.row_stride, sample.offset[1])
-    cols, _ = sample.indices(wo, sample.col_stride, sample.offset[2])
     rows = (rows[:, None] * sh + dh * torch.arange(kh, device=rows.device)).reshape(-1)
     cols = (cols[:, None] * sw + dw * torch.arange(kw, device=cols.device)).reshape(-1)
-    x = x.index_select(0, images).index_select(2, rows).index_select(3, cols)
+    x = _gathered(x, images, rows, cols)
     gathered = dataclasses.replace(geometry, stride=(kh, kw), dilation=(1, 1))
     return _output_patch_product(y, x, gathered, (0, 0))
 
@@ -283,12 +290,10 @@ def gathered_position_sample(shape: Tuple[int, int, int, int], budget: Optional[
                              counter: Tensor) -> Optional[GatheredSample]:
     """:func:`choose_position_sample`'s grid as a :class:`GatheredSample` at step ``counter`` of
     the cycle through its offsets (what a compiled step takes), or None (all positions)."""
-    n, _, ho, wo = shape
-    if budget is None or n * ho * wo <= budget:
+    strides = _grid_strides(shape, budget)
+    if strides is None:
         return None
-    row_stride, col_stride, batch_stride = _sample_strides(n, ho, wo, budget)
-    if row_stride * col_stride * batch_stride == 1:
-        return None
+    row_stride, col_stride, batch_stride = strides
     return GatheredSample(row_stride, col_stride, batch_stride,
                           cycling_offset(counter, (batch_stride, row_stride, col_stride)))
 
