@@ -24,6 +24,8 @@ SHAPES = {  # as tools/benchmark_layer.py: (C_in, C_out, kernel, stride, padding
     'tiny 3x3 16->32 @12': (16, 32, 3, 1, 1, 12),
     '3x3 256->256 @32': (256, 256, 3, 1, 1, 32),
     '1x1 256->1024 @32': (256, 1024, 1, 1, 0, 32),
+    '3x3 256->256 @64': (256, 256, 3, 1, 1, 64),
+    'stem 7x7 3->64 /2 @256': (3, 64, 7, 2, 3, 256),  # the image needs no gradient
 }
 
 
@@ -36,7 +38,7 @@ def child(shapes, steps, warmup, batch):
     result = {}
     for name in shapes:
         cin, cout, k, s, p, size = SHAPES[name]
-        x = torch.randn(batch, cin, size, size, requires_grad=True)
+        x = torch.randn(batch, cin, size, size, requires_grad=not name.startswith('stem'))
         times = {}
         for variant in ('BN', 'CBN'):
             conv = nn.Conv2d(cin, cout, k, s, p, bias=False)
@@ -76,7 +78,8 @@ def main():
     parser.add_argument('--warmup', type=int, default=6)
     parser.add_argument('--batch', type=int, default=2)
     parser.add_argument('--threads', type=int, default=os.cpu_count() or 1)
-    parser.add_argument('--shapes', nargs='+', default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument('--shapes', nargs='+', default=list(SHAPES)[:3], choices=list(SHAPES),
+                        help='default: the first three')
     parser.add_argument('--child', action='store_true', help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
