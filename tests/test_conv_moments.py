@@ -33,9 +33,21 @@ def _conv(shape):
 @pytest.mark.parametrize('with_params', [False, True], ids=['from_y', 'with_params'])
 def test_derivatives_match_autograd(shape, with_params):
     # with the parameters, the widening 1x1 convs take the Gram-matrix route
+    _assert_derivatives_match_autograd(shape, with_params)
+
+
+@pytest.mark.parametrize('shape', [CONV_SHAPES[1], CONV_SHAPES[3], CONV_SHAPES[6]])
+def test_derivatives_of_a_channels_last_conv_match_autograd(shape):
+    _assert_derivatives_match_autograd(shape, with_params=True, channels_last=True)
+
+
+def _assert_derivatives_match_autograd(shape, with_params, channels_last=False):
     torch.manual_seed(0)
     conv = _conv(shape)
     x = torch.randn(3, conv.in_channels, 9, 11, dtype=torch.float64) + 0.5
+    if channels_last:
+        conv, x = conv.to(memory_format=torch.channels_last), x.to(
+            memory_format=torch.channels_last)
     y = conv(x)
     params = (conv.weight, conv.bias) if with_params else ()
     patch_mean, sqmean_grad = moment_derivatives(x, y.detach(), ConvGeometry.of(conv), *params)
