@@ -2,7 +2,7 @@
 import weakref
 
 import mmcbn.layers.cross_iteration_bn as layer_module
-from mmcbn.layers import running_stats
+from mmcbn.layers import optimizer_steps
 
 
 def hook_selection(hook, model):
@@ -22,10 +22,10 @@ def reset_no_iteration_warning():
 
 def isolate_optimizer_hook(monkeypatch):
     """Starts the process-wide optimizer step hook's bookkeeping afresh for one test."""
-    monkeypatch.setattr(running_stats, '_following_layers', weakref.WeakSet())
-    monkeypatch.setattr(running_stats, '_optimizer_hook', None)
+    monkeypatch.setattr(optimizer_steps, '_following_layers', weakref.WeakSet())
+    monkeypatch.setattr(optimizer_steps, '_optimizer_hook', None)
 
 
 def optimizer_hook_registered():
     """Whether the optimizer step hook that follows CBN layers is registered."""
-    return running_stats._optimizer_hook is not None
+    return optimizer_steps._optimizer_hook is not None

@@ -157,11 +157,18 @@ def test_frozen_conv_skips_derivatives_and_window_memory_budget():
     assert cbn.window.sqmean_grad is None
     conv.requires_grad_(True)
     cbn.reset_window()
-    for _ in range(4):
-        cbn(conv(torch.randn(2, 16, 8, 8)))
+    opt = torch.optim.SGD(conv.parameters(), lr=0.01)
     weight_floats = conv.weight.numel()
-    # one weight-sized derivative per entry: window_size - 1 slots and this iteration's entry
-    assert cbn.window_nbytes() / 4 <= 1.1 * 4 * weight_floats
+    for _ in range(5):
+        cbn(conv(torch.randn(2, 16, 8, 8))).square().mean().backward()
+        # during the step: one weight-sized derivative per entry, the 3 slots and this
+        # iteration's entry
+        assert cbn.window_nbytes() / 4 <= 1.1 * 4 * weight_floats
+        opt.step()
+        opt.zero_grad()
+        # between steps: the step ended the iteration, the 3 entries in use remain
+        assert not cbn.window.pending and len(cbn.window.committed) >= 1
+        assert cbn.window_nbytes() / 4 <= 1.1 * 3 * weight_floats
 
 
 @pytest.mark.parametrize('bad, match', [
@@ -348,8 +355,50 @@ def test_same_batch_after_an_optimizer_step_is_a_new_iteration():
     for _ in range(3):
         cbn(conv(x)).square().mean().backward()
         opt.step()
-    assert len(cbn.window) == 3 and all(cbn.window.committed)
+    assert len(cbn.window) == 2 and all(cbn.window.committed)  # each step ended an iteration
     assert cbn.window_stats()['mean'].shape[0] == 2
+
+
+def test_an_optimizer_step_that_moves_the_conv_ends_the_iteration():
+    """Another model's step leaves the pending entry (and a graph still to backpropagate) alone;
+    the conv's own step commits it, window_stats() still describes the last forward, and a forward
+    after the step in the same iteration starts a new entry at the new weights."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 6, 3, padding=1).double()
+    cbn = CrossIterationBatchNorm2d(6, window_size=3).double()
+    cbn.bind(conv)
+    other = nn.Linear(2, 2).double()
+    opt = torch.optim.SGD(conv.parameters(), lr=0.1)
+    opt_other = torch.optim.SGD(other.parameters(), lr=0.1)
+    inputs = [torch.randn(2, 3, 8, 8, dtype=torch.float64) + i for i in range(4)]
+    recorded = []
+    for it, x in enumerate(inputs[:3]):
+        cbn.iteration = it
+        y = conv(x)
+        recorded.append((y.detach().mean((0, 2, 3)), y.detach().var((0, 2, 3), unbiased=False)))
+        loss = (cbn(y) * torch.randn_like(y)).sum()
+        other(torch.randn(1, 2, dtype=torch.float64)).sum().backward()
+        opt_other.step()  # another model's step: this iteration goes on
+        assert cbn.window.pending
+        loss.backward(retain_graph=True)
+        loss.backward()  # a second backward through the same graph still reads the same ring
+        before = cbn.window_stats()
+        opt.step()
+        opt.zero_grad()
+        assert not cbn.window.pending and len(cbn.window.committed) == min(it + 1, 2)
+        after = cbn.window_stats()
+        for key in before:  # the commit overwrote the oldest slot: its record was kept
+            torch.testing.assert_close(after[key], before[key], rtol=0, atol=0)
+    # the last forward (iteration 2) pooled iterations 1 and 0, newest first, as recorded
+    torch.testing.assert_close(after['raw_mean'], torch.stack([recorded[1][0], recorded[0][0]]))
+    torch.testing.assert_close(after['raw_var'], torch.stack([recorded[1][1], recorded[0][1]]))
+    # a forward after the step, same iteration number: iterations 2 and 1 at the new weights
+    cbn(conv(inputs[3]))
+    stats = cbn.window_stats()
+    with torch.no_grad():
+        now = [conv(x).mean((0, 2, 3)) for x in (inputs[2], inputs[1])]
+    torch.testing.assert_close(stats['mean'], torch.stack(now))  # the mean is compensated exactly
+    torch.testing.assert_close(stats['raw_mean'], torch.stack([recorded[2][0], recorded[1][0]]))
 
 
 def _sampled_run(steps=4, **kwargs):

@@ -188,8 +188,9 @@ def inference_times(model_name, args):
 
 
 def op_census(model_name, batch_size, args):
-    """Compute ops one steady training step dispatches (forward and backward; the optimizer's
-    own step aside), per variant, counted as ``tests/test_step_census.py`` counts them."""
+    """Compute ops one steady training step dispatches, forward and backward and then the
+    optimizer's step (where CBN moves its running statistics and ends the iteration), per
+    variant, counted as ``tests/test_step_census.py`` counts them."""
     from mmcbn.utils.op_census import STALLING, OpCensus
     counts = {}
     for variant in args.variants:
@@ -205,9 +206,13 @@ def op_census(model_name, batch_size, args):
             losses = trainer.model(**trainer.data, mode='loss')
             loss, _ = trainer.model.parse_losses(losses)
             loss.backward()
+        step_census = OpCensus()
+        with step_census:
+            trainer.optimizer.step()
         trainer.optimizer.zero_grad()
-        stalls = sum(op in STALLING or op.startswith('host:') for op in census.ops)
-        counts[variant] = (len(census.ops), stalls, len(trainer.cbns))
+        stalls = sum(op in STALLING or op.startswith('host:')
+                     for op in census.ops + step_census.ops)
+        counts[variant] = (len(census.ops), len(step_census.ops), stalls, len(trainer.cbns))
         del trainer
     return counts
 
@@ -301,12 +306,15 @@ def main():
             if args.census:
                 counts = op_census(model_name, batch_size, args)
                 print(f'\n## {model_name}, {batch_size} image(s) per step: compute ops of one '
-                      'steady training step (forward + backward)\n')
-                print('| variant | CBN layers | ops | vs BN | stalling ops |')
-                print('|---|---:|---:|---:|---:|')
-                for v, (ops, stalls, layers) in counts.items():
-                    print(f'| {v} | {layers} | {ops:,} | {ops / counts[BASELINE[v]][0]:.2f}x | '
-                          f'{stalls} |', flush=True)
+                      'steady training step\n')
+                print('| variant | CBN layers | forward + backward | vs BN | optimizer step | '
+                      'whole step vs BN | stalling ops |')
+                print('|---|---:|---:|---:|---:|---:|---:|')
+                for v, (ops, step_ops, stalls, layers) in counts.items():
+                    base_ops, base_step = counts[BASELINE[v]][:2]
+                    print(f'| {v} | {layers} | {ops:,} | {ops / base_ops:.2f}x | {step_ops:,} | '
+                          f'{(ops + step_ops) / (base_ops + base_step):.2f}x | {stalls} |',
+                          flush=True)
                 continue
             times, scratch = train_times(model_name, batch_size, args)
             mem = memory(model_name, batch_size, args) if args.memory else None

@@ -20,8 +20,9 @@ Each step runs forward, backward and an SGD update (so the weights move and comp
 the update includes CBN's move of the running statistics to the new weights); the time of the
 whole step is reported as the median over rounds of its ratio to BN's step in the same round. On
 CUDA, ``--sync-debug`` runs every step under ``torch.cuda.set_sync_debug_mode('warn')`` and
-reports the host syncs each variant made. Window memory is in floats and as a multiple of k * |W|
-(CBN keeps k slots: the k - 1 entries in use and the iteration's own).
+reports the host syncs each variant made. Window memory is read between steps (after the optimizer
+step), in floats and as a multiple of (k - 1) |W|: CBN keeps the k - 1 entries in use, about |W|
+floats each (during a step also the iteration's own, until the optimizer step).
 
 Usage: python tools/benchmark_layer.py [--device cpu|cuda] [--batch 2] [--repeats 15] [--sync-debug]
                                      [--compile] [--shapes NAME ...]
@@ -184,13 +185,13 @@ def run(args):
             floats = variants[n][4]()
             k = int(n.split('=')[1].split()[0]) if '=' in n else 1
             rows.append((shape_name, n, med * 1e3, paired_ratio(times, n, 'BN'), floats,
-                         floats / (k * weight_floats) if k > 1 else 0.0, syncs[n]))
+                         floats / ((k - 1) * weight_floats) if k > 1 else 0.0, syncs[n]))
     print(f'device: {device} ({torch.cuda.get_device_name() if device.type == "cuda" else "CPU, "}'
           f'{"" if device.type == "cuda" else str(torch.get_num_threads()) + " threads"}), '
           f'batch {args.batch}, median of {args.repeats} interleaved rounds (x BN: the median of '
           f'the per-round ratios)')
     sync_column = args.sync_debug and device.type == 'cuda'
-    print('| conv | variant | step ms | x BN | window floats | / (k |W|) |' +
+    print('| conv | variant | step ms | x BN | window floats | / ((k-1) |W|) |' +
           (' host syncs |' if sync_column else ''))
     print('|---|---|---:|---:|---:|---:|' + ('---:|' if sync_column else ''))
     for shape_name, n, ms, ratio, floats, per_w, num_syncs in rows:

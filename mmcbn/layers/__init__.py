@@ -10,7 +10,8 @@ Glossary. The words of this package, one meaning each:
   MomentWindow`); a *slot* is one place in it, holding one entry as a *row* of floats; the
   *cursor* is the slot written next;
 * *pending*: this iteration's entry, beside the ring; *committed*: written into the ring when
-  the next iteration starts;
+  the iteration ends (after the optimizer step that moves the producer, else when the next
+  iteration starts);
 * *producer*: the conv whose output is the layer's input; *bound*: the layer knows it;
 * *compensable*: an entry recorded with derivatives; *compensated*: moved to the producer's
   current weights (first order; exact for the mean);

@@ -56,6 +56,11 @@ class ConvBinding:
         """Whether the optimizer can change the conv (else compensation is zero)."""
         return self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
 
+    def versions(self) -> Tuple[int, int]:
+        """The parameters' version counters (they change with every in-place update, an
+        optimizer step's included; read on the host)."""
+        return self.weight._version, -1 if self.bias is None else self.bias._version
+
     def derivatives(self, conv_input: Tensor, output: Tensor,
                     sample: Optional[PositionSample] = None,
                     moments: Optional[Tuple[Tensor, Tensor]] = None

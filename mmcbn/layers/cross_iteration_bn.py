@@ -15,8 +15,8 @@ from .distributed import is_distributed
 from .iteration_state import batch_statistics, describe_window, start_iteration, window_average
 from .normalize import NormalizeWithWindow
 from .records import BatchStatistics, IterationState
-from .running_stats import (RunningDrift, follow_optimizer_steps, stop_following,
-                            update_running_stats)
+from .optimizer_steps import follow_optimizer_steps, stop_following
+from .running_stats import RunningDrift, update_running_stats
 from .torch_features import is_compiling
 from .validation import (check_bool, check_choice, check_int, check_number,
                          check_process_group)
@@ -49,7 +49,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
     The producing conv is bound by :meth:`bind` (the converters, ``CBNHook``) or read off the autograd
     graph; a layer fed by anything else runs the uncompensated window and warns once. All calls
     with the same :attr:`iteration` (set by ``CBNHook``; None: each call is one) are one iteration,
-    whose entries join the window at the next. Details: docs/how_it_works.md.
+    whose entry joins the window when an optimizer step moves the conv (else at the next
+    iteration); a call after that step starts a new entry. Details: docs/how_it_works.md.
 
     Args:
         num_features: number of channels ``C``.
@@ -134,6 +135,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._position_rng: Optional[random.Random] = None
         self._sample_counter = torch.zeros((), dtype=torch.long, device=device)  # compiled steps
         self._drift = RunningDrift()
+        self._producer_versions: Optional[Tuple[int, int]] = None  # as the last step left them
+        self._pending_wants_derivatives = False  # the pending entry's calls were compensable
         self._effective_window = window_size
         self._iteration: Optional[int] = None
         self._counts_iterations = False
@@ -215,8 +218,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         """
         self._link.bind(conv, name, self._capture_conv_io)
         self._drift.clear()
-        if self._tracks_drift():
-            follow_optimizer_steps(self)
+        self._producer_versions = None
+        self._follow_optimizer_steps()
 
     def unbind(self, reason: Optional[str] = None) -> None:
         """Removes the binding; ``reason`` marks the layer as not compensable (with a warning)."""
@@ -361,11 +364,52 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         binding = self.binding
         self._drift.update(*derivatives, batch.mean, batch.var, binding.weight, binding.bias,
                            batch.num_positions, factor, batch.finite, running=running)
-        if not is_compiling():  # bind() registers; a copied layer joins here
-            follow_optimizer_steps(self)
 
     def _tracks_drift(self) -> bool:
         return self.compensate_running_stats and self.running_mean is not None
+
+    # ------------------------------------------------------------------ optimizer steps
+    def _follow_optimizer_steps(self) -> None:
+        if self._producer_versions is None:
+            self._producer_versions = self.binding.versions()
+        follow_optimizer_steps(self)
+
+    def _after_optimizer_step(self) -> None:
+        """Called after every optimizer step (:mod:`~mmcbn.layers.optimizer_steps`). One that
+        moved the bound conv ends the iteration: the running statistics move to the new weights,
+        and the pending entry joins the ring now rather than at the next forward (between steps
+        the window then holds only the entries in use; a later forward starts a new entry)."""
+        binding = self.binding
+        if binding is None:
+            return
+        self._export()
+        versions = binding.versions()
+        if versions == self._producer_versions:
+            return  # another model's step (a GAN's discriminator), or nothing moved
+        self._producer_versions = versions
+        window, state = self._window, self._state
+        if not window.pending:
+            return
+        if state is not None and state.mean is not None and state.recorded is None and \
+                len(window.committed) == window.capacity:
+            # the commit overwrites the oldest slot: keep what window_stats() reports of it
+            state.recorded = window.recorded_stats()
+        self._commit_pending()
+        self._new_iteration = True
+
+    def _commit_pending(self) -> None:
+        """Ends the iteration: the pending entry joins the ring (saying once if it was to be
+        compensated but its derivatives could not be computed)."""
+        window, binding = self._window, self.binding
+        if not is_compiling() and window.pending and self._pending_wants_derivatives and \
+                not window.pending_compensable and binding is not None and binding.trainable:
+            self._warn_once('underived', (
+                f'is bound to {binding.name} but could not read its input, so its entries are '
+                'not compensated (bound from the autograd graph while a saved-tensor hook, such '
+                "as torch.autograd.graph.save_on_cpu, held the conv's input); bind it "
+                'structurally (convert_bn_to_cbn, bind_cbn_layers, CBNHook) or with '
+                'layer.bind(conv)'))
+        window.commit_pending()
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:
@@ -399,6 +443,8 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         tracks_drift = self._tracks_drift()
         compensable, conv_input = self._link.resolve(input, self.compensation or tracks_drift,
                                                      self._warn_once)
+        if compensable and not is_compiling():  # bind() registers; a copied layer joins here
+            self._follow_optimizer_steps()
         compensate = compensable and self.compensation
         windowed = self._effective_window > 1
         recompute = windowed and self._recomputes()  # gradient checkpointing's second pass
@@ -439,6 +485,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if record:
             if not self._window.pending:
                 self._window.open_pending()
+            self._pending_wants_derivatives = compensate
             self._window.record(batch.mean, batch.var, batch.finite, batch.num_positions,
                                 derivatives if compensate else None, count_positions=self.sync)
         if self.track_running_stats:
@@ -461,15 +508,7 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         if start and (state is None or self._new_iteration or not self._counts_iterations):
             window = self._window
             compiling = is_compiling()
-            if window.pending and not window.pending_compensable and compensate and \
-                    self.binding.trainable and not compiling:
-                self._warn_once('underived', (
-                    f'is bound to {self.binding.name} but could not read its input, so its '
-                    'entries are not compensated (bound from the autograd graph while a '
-                    'saved-tensor hook, such as torch.autograd.graph.save_on_cpu, held the '
-                    "conv's input); bind it structurally (convert_bn_to_cbn, bind_cbn_layers, "
-                    'CBNHook) or with layer.bind(conv)'))
-            window.commit_pending()
+            self._commit_pending()
             state = self._state = start_iteration(
                 window, window.recent(self._effective_window - 1),
                 self.binding if compensate else None, self.window_grad,

@@ -44,7 +44,7 @@ def start_iteration(window: MomentWindow, compensable: List[bool],
         window_grad: prepare the gradient through the compensated entries.
         process_group, sync: pool every entry over the processes (synchronised CBN).
     """
-    state = IterationState(len(compensable))
+    state = IterationState(len(compensable), cursor=window.cursor, compensable=compensable)
     if not compensable:
         return state
     weights = window.in_window(len(compensable))  # [1 + S]: the current batch, then each slot
@@ -109,9 +109,11 @@ def describe_window(state: Optional[IterationState], window: MomentWindow,
         return dict(mean=empty, var=empty, raw_mean=empty, raw_var=empty, valid=torch.zeros(0),
                     compensated=torch.zeros(0, dtype=torch.bool),
                     age=torch.zeros(0, dtype=torch.long))
-    idx = window.recent_slots(state.num_used)
+    idx = window.recent_slots(state.num_used, state.cursor)
+    recorded = window.recorded_stats() if state.recorded is None else state.recorded
+    raw_mean, raw_var = recorded[idx].chunk(2, dim=1)
     return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
-                raw_mean=window.mean[idx].clone(), raw_var=window.var[idx].clone(),
+                raw_mean=raw_mean, raw_var=raw_var,
                 valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),
-                compensated=torch.tensor(window.recent(state.num_used)) & state.compensated,
+                compensated=torch.tensor(state.compensable) & state.compensated,
                 age=torch.arange(1, state.num_used + 1))

@@ -2,7 +2,7 @@
 them): the batch's statistics, the iteration's window at the current weights, and what the
 backward needs to pass a gradient through the compensated entries."""
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from torch import Tensor
 
@@ -82,3 +82,7 @@ class IterationState:
     compensated: bool = False  # the entries were moved to the current weights (if they could be)
     weight_version: Optional[int] = None  # the bound conv weight's version counter (eager only)
     one: Optional[Tensor] = None  # [1] a constant (the average adds eps through it)
+    # for window_stats(), as the window stood when the iteration started
+    cursor: Optional[Tensor] = None  # the ring's cursor
+    compensable: Optional[List[bool]] = None  # the used entries', newest first
+    recorded: Optional[Tensor] = None  # [S, 2C] the slots' mean | var, once a commit overwrote one

@@ -17,16 +17,14 @@ the unbiased batch variance (``n/(n-1) * (d sqmean/dW - 2 mean_t p_t)``, centred
 per-channel vectors per layer. ``R`` itself stays the layer's ordinary ``running_mean``/``running_var``.
 
 The layer writes ``mean(W)``/``var(W)`` into ``R`` after every optimizer step that changed its conv
-(:func:`follow_optimizer_steps`; :meth:`RunningDrift.export_into` then rebases, which leaves
+(:mod:`~mmcbn.layers.optimizer_steps`; :meth:`RunningDrift.export_into` then rebases, which leaves
 ``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every reader sees (eval, a state
 dict, a converter, an EMA of the model) always hold the statistics at the current weights.
 """
-import weakref
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .conv_moments import channel_dots
 from .scratch_tensors import ScratchTensors
@@ -218,33 +216,3 @@ class RunningDrift(ScratchTensors):
 
 def _versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
     return weight._version, -1 if bias is None else bias._version
-
-
-#: Layers whose running statistics follow their conv's weights; weak: a dropped model drops out.
-_following_layers: 'weakref.WeakSet' = weakref.WeakSet()
-_optimizer_hook = None
-
-
-def follow_optimizer_steps(layer) -> None:
-    """After every optimizer step (any optimizer, via torch's global step hook), calls
-    ``layer._export()``, which does nothing unless its conv's parameters changed."""
-    global _optimizer_hook
-    if _optimizer_hook is None:
-        _optimizer_hook = register_optimizer_step_post_hook(_export_after_step)
-    _following_layers.add(layer)
-
-
-def stop_following(layer) -> None:
-    """Stops calling ``layer._export()`` after optimizer steps; the hook itself goes with the last
-    layer that unbinds (not from inside a step: torch iterates its hooks while calling them, and
-    a layer that is garbage-collected leaves a hook that does nothing)."""
-    global _optimizer_hook
-    _following_layers.discard(layer)
-    if not _following_layers and _optimizer_hook is not None:
-        _optimizer_hook.remove()
-        _optimizer_hook = None
-
-
-def _export_after_step(optimizer, args, kwargs) -> None:
-    for layer in list(_following_layers):
-        layer._export()

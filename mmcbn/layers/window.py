@@ -30,12 +30,13 @@ class MomentWindow(ScratchTensors):
     it one copy into the ring, and every field of every slot (:attr:`mean`, :attr:`patch_mean`, ...)
     is a strided view that the batched products read as they are.
 
-    The contract with autograd: the ring changes only when an iteration starts
-    (:meth:`commit_pending` writes the previous iteration's entry into the oldest slot); within an
-    iteration, every call reads the same ring and records into the pending row, a separate tensor.
-    So the normalisation saves the ring's views for its backward like any input
-    (``save_for_backward``), and a backward run after the next iteration has started fails with
-    torch's in-place error instead of reading another iteration's entries.
+    The contract with autograd: the ring changes only when an iteration ends
+    (:meth:`commit_pending` writes its entry into the oldest slot: after the optimizer step that
+    moved the producer, else when the next iteration starts); within an iteration, every call
+    reads the same ring and records into the pending row, a separate tensor. So the normalisation
+    saves the ring's views for its backward like any input (``save_for_backward``), and a backward
+    run after the iteration ended fails with torch's in-place error instead of reading another
+    iteration's entries.
 
     Everything the arithmetic reads lives on the device, the slot written next included
     (``cursor``, a one-element index): a training step never copies host data to the device nor
@@ -140,10 +141,16 @@ class MomentWindow(ScratchTensors):
         """Whether each of the ``n`` most recent committed entries is compensable, newest first."""
         return self.committed[::-1][:max(n, 0)]
 
-    def recent_slots(self, n: int) -> Tensor:
-        """The slots of the ``n`` most recent committed entries, newest first (a device tensor)."""
-        steps = torch.arange(1, n + 1, device=self.cursor.device)
-        return (self.cursor - steps).remainder_(self.capacity)
+    def recent_slots(self, n: int, cursor: Optional[Tensor] = None) -> Tensor:
+        """The slots of the ``n`` most recent committed entries, newest first (a device tensor);
+        ``cursor``: as it stood then (default: now)."""
+        cursor = self.cursor if cursor is None else cursor
+        steps = torch.arange(1, n + 1, device=cursor.device)
+        return (cursor - steps).remainder_(self.capacity)
+
+    def recorded_stats(self) -> Tensor:
+        """``[capacity, 2C]`` a copy of every slot's mean and variance as recorded."""
+        return self.slots[:, :2 * self._channels].clone()
 
     def in_window(self, num_entries: int) -> Tensor:
         """``[1 + capacity]``: 1 for the current batch, then per slot 1 for the valid entries among
@@ -156,8 +163,8 @@ class MomentWindow(ScratchTensors):
 
     # ------------------------------------------------------------------ the iteration's life
     def commit_pending(self) -> None:
-        """Starts a new iteration: the pending entry is written into the oldest slot (it leaves
-        the window)."""
+        """Ends the iteration: the pending entry is written into the oldest slot (whose entry
+        leaves the window)."""
         if not self.pending:
             return
         row = self.pending_row
