@@ -34,6 +34,11 @@ except ImportError:  # pragma: no cover - mmcv is a dependency, but the layer do
     pass
 
 
+def parameter_versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
+    """A conv's parameters' version counters: they change with every in-place update, an
+    optimizer step's included (read on the host: no device sync)."""
+    return weight._version, -1 if bias is None else bias._version
+
 @dataclass(eq=False)
 class ConvBinding:
     """The conv a CBN layer is compensated against.
@@ -57,9 +62,8 @@ class ConvBinding:
         return self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
 
     def versions(self) -> Tuple[int, int]:
-        """The parameters' version counters (they change with every in-place update, an
-        optimizer step's included; read on the host)."""
-        return self.weight._version, -1 if self.bias is None else self.bias._version
+        """The parameters' :func:`parameter_versions`."""
+        return parameter_versions(self.weight, self.bias)
 
     def derivatives(self, conv_input: Tensor, output: Tensor,
                     sample: Optional[PositionSample] = None,

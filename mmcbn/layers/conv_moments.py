@@ -122,12 +122,11 @@ def _padded(x: Tensor, geometry: ConvGeometry) -> Tuple[Tensor, Tuple[int, int]]
     return F.pad(x, (pw, pw, ph, ph), mode=geometry.padding_mode), (0, 0)
 
 
-def _weight_grad(grad_y: Tensor, x: Tensor, weight_shape, geometry: ConvGeometry,
-                 groups: int, padding) -> Tensor:
-    shape_only = x.new_empty(()).expand(weight_shape)
+def _weight_grad(grad_y: Tensor, x: Tensor, geometry: ConvGeometry, padding) -> Tensor:
+    shape_only = x.new_empty(()).expand(geometry.weight_shape)
     _, grad_w, _ = torch.ops.aten.convolution_backward(
         grad_y, x, shape_only, None, list(geometry.stride), list(padding),
-        list(geometry.dilation), False, [0, 0], groups, [False, True, False])
+        list(geometry.dilation), False, [0, 0], geometry.groups, [False, True, False])
     return grad_w
 
 
@@ -147,7 +146,7 @@ def _output_patch_product(y: Tensor, x: Tensor, geometry: ConvGeometry, padding)
                         geometry.stride)  # [N, K, L]
         cols = cols.transpose(0, 1).reshape(cols.shape[1], -1)  # [K, N * L]
         return y.transpose(0, 1).reshape(c_out, -1).mm(cols.t()).reshape(geometry.weight_shape)
-    return _weight_grad(y, x, geometry.weight_shape, geometry, geometry.groups, padding)
+    return _weight_grad(y, x, geometry, padding)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from .binding import parameter_versions
 from .conv_moments import channel_dots
 from .scratch_tensors import ScratchTensors
 
@@ -175,12 +176,12 @@ class RunningDrift(ScratchTensors):
             factor = factor.to(dtype)
         _lerp(tensors, [b.view_as(t) for t, b in zip(tensors, blended.split(
             [t.numel() for t in tensors]))], factor)
-        self.versions = _versions(weight, bias)  # a batch at the current weights adds no drift
+        self.versions = parameter_versions(weight, bias)  # a batch at the current weights adds no drift
 
     def stale(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
         """Whether ``weight``/``bias`` changed in place since the drift was last zero at them (their
         version counters, read on the host: no device sync)."""
-        return not self.empty and self.versions != _versions(weight, bias)
+        return not self.empty and self.versions != parameter_versions(weight, bias)
 
     @torch.no_grad()
     def export_into(self, running_mean: Tensor, running_var: Tensor, weight: Tensor,
@@ -210,9 +211,6 @@ class RunningDrift(ScratchTensors):
         at_own = self.state[-2 * channels:]  # mean_at_own and half_var_at_own, adjacent
         delta.sub_(at_own)
         at_own.add_(delta)
-        self.versions = _versions(weight, bias)
+        self.versions = parameter_versions(weight, bias)
         return d_mean, d_half_var
 
-
-def _versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int]:
-    return weight._version, -1 if bias is None else bias._version
