@@ -65,7 +65,7 @@ BREAKS = [
           '    neg_grad_mean = terms.clamped_mean * u',
           ('tests/test_layer.py::test_matches_float64_reference', )),
     Break("BN backward without the batch's (1 - 1/k) share", 'mmcbn/layers/normalize.py',
-          '                grad_x = grad_x.addcmul_(grad_out, coef)', '                pass',
+          'grad_x = grad_x.addcmul_(grad_out, neg_rest', '_ = grad_x.addcmul(grad_out, neg_rest',
           ('tests/test_layer.py::test_matches_float64_reference', )),
     Break('merged calls without the spread between them', 'mmcbn/layers/window.py',
           '            merged[c:2 * c] += spread  # the variance about the merged mean',

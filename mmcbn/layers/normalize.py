@@ -65,24 +65,28 @@ class NormalizeWithWindow(torch.autograd.Function):
         need_b = ctx.needs_input_grad[2]
         terms = WindowGradTerms(*saved_terms) if ctx.with_terms else None
         need_conv = terms is not None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4])
-        scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+        w = None if weight is None else weight.to(invstd.dtype)
         batch_scale = None  # weight * invstd / k: the current batch's share
-        if inv_k is not None and (need_conv or (need_x and sync_count is None)):
-            batch_scale = scale * inv_k
         if sync_count is None:
             # BN's input gradient is linear in its weight: the kernel with weight / k gives
             # BN_backward(dy) / k without another pass over the activation
             bn_weight = weight
-            if need_x and inv_k is not None and weight is not None:
-                bn_weight = (weight * inv_k).to(weight.dtype)
+            if inv_k is not None and (need_x or need_conv):
+                weight_k = inv_k if w is None else w * inv_k
+                batch_scale = weight_k * invstd
+                if w is not None:
+                    bn_weight = weight_k.to(weight.dtype)
             grad_x, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
                 grad_out, x, bn_weight, None, None, mean, invstd, True, 0.0,
                 [need_x, need_w or need_conv, need_b or need_conv])
             if grad_x is not None and inv_k is not None:
                 if weight is None:  # affine=False: no weight to carry 1/k
                     grad_x = grad_x.mul_(inv_k.to(grad_x.dtype))
-                coef = (scale - batch_scale).to(grad_x.dtype)[None, :, None, None]
-                grad_x = grad_x.addcmul_(grad_out, coef)
+                # the rest of the batch's share, (1 - 1/k) weight * invstd dy, negated in one op
+                neg_rest = batch_scale - invstd if w is None else \
+                    torch.addcmul(batch_scale, invstd, w, value=-1.0)
+                grad_x = grad_x.addcmul_(grad_out, neg_rest.to(grad_x.dtype)[None, :, None, None],
+                                         value=-1.0)
             grad_weight = sum_dy_xhat if need_w else None
             grad_bias = sum_dy if need_b else None
             sums = (sum_dy.to(invstd.dtype), sum_dy_xhat.to(invstd.dtype)) if need_conv else None
@@ -97,6 +101,9 @@ class NormalizeWithWindow(torch.autograd.Function):
             grad_bias = sum_dy.to(weight.dtype if weight is not None else sum_dy.dtype) \
                 if need_b else None
             grad_x = sums = None
+            scale = invstd if w is None else invstd * w
+            if need_conv:
+                batch_scale = scale * inv_k
             if need_x or need_conv:
                 sums = all_reduce_sum(torch.stack([sum_dy, sum_dy_xhat]).to(invstd.dtype),
                                       ctx.group).unbind()
