@@ -123,6 +123,58 @@ def test_running_stats_follow_an_optimizer_step_in_a_few_ops_without_stalls():
     assert 0 < extra <= 10, (extra, cbn_steps[-1], bn_steps[-1])
 
 
+def test_an_optimizer_step_moves_every_layer_in_one_set_of_kernels():
+    """Three conv + CBN layers: the running statistics' moves after a step are the five foreach ops
+    of a lone layer, and each layer's buffers end as they do when every layer moves alone (an
+    update outside any optimizer, then ``export_running_stats()`` layer by layer)."""
+    def stack(num_layers):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(num_layers):
+            conv, cbn = _cbn()
+            layers += [conv, cbn]
+        return layers
+
+    def forward_backward(layers, x, it):
+        out = x
+        for i in range(0, len(layers), 2):
+            layers[i + 1].iteration = it
+            out = layers[i + 1](layers[i](out))[:, :16]  # the next conv takes 16 of the 32 channels
+        out.square().sum().backward()
+
+    def train(layers, x, by_hand=False):
+        params = [p for m in layers for p in m.parameters()]
+        opt = torch.optim.SGD(params, lr=0.01)
+        for it in range(6):
+            forward_backward(layers, x, it)
+            census = OpCensus()
+            with census:
+                if by_hand:  # no optimizer step, so no hook: each layer moves alone
+                    with torch.no_grad():
+                        for p in params:
+                            p.sub_(p.grad, alpha=0.01)
+                    for cbn in layers[1::2]:
+                        cbn.export_running_stats()
+                else:
+                    opt.step()
+            opt.zero_grad()
+        return Counter(census.ops)
+
+    x = torch.randn(2, 16, 12, 12)
+    ops_alone, ops_three = train(stack(1), x), train(stack(3), x)
+    for op in ('_foreach_sub_', '_foreach_add_', '_foreach_clamp_min_'):
+        assert ops_three[op] == ops_alone[op] > 0, (op, ops_three, ops_alone)
+    together, apart = stack(3), stack(3)
+    train(together, x)
+    ops_apart = train(apart, x, by_hand=True)
+    assert ops_apart['_foreach_clamp_min_'] == 3  # (the reference did move layer by layer)
+    for a, b in zip(together[1::2], apart[1::2]):
+        assert a.running_mean.isfinite().all() and a.running_var.isfinite().all()
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(together[1].running_mean[:16], together[3].running_mean[:16])
+
+
 def test_census_sees_a_stall():
     """The census can fail: a host read of a tensor is recorded as stalling."""
     census = OpCensus()

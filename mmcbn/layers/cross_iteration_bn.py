@@ -16,7 +16,7 @@ from .iteration_state import batch_statistics, describe_window, start_iteration,
 from .normalize import NormalizeWithWindow
 from .records import BatchStatistics, IterationState
 from .optimizer_steps import follow_optimizer_steps, stop_following
-from .running_stats import RunningDrift, update_running_stats
+from .running_stats import RunningDrift, move_running_stats, update_running_stats
 from .torch_features import is_compiling
 from .validation import (check_bool, check_choice, check_int, check_number,
                          check_process_group)
@@ -319,11 +319,18 @@ class CrossIterationBatchNorm2d(_BatchNorm):
         self._export(only_if_moved=False)
 
     def _export(self, only_if_moved: bool = True) -> None:
+        move = self._running_stats_move(only_if_moved)
+        move_running_stats([move] if move is not None else [])
+
+    def _running_stats_move(self, only_if_moved: bool = True) -> Optional[tuple]:
+        """What :func:`~mmcbn.layers.running_stats.move_running_stats` needs to move this layer's
+        running statistics to the conv's current weights, or None if there is nothing to move."""
         binding = self.binding
         if not self._tracks_drift() or binding is None or self._drift.empty or (
                 only_if_moved and not self._drift.stale(binding.weight, binding.bias)):
-            return
-        self._drift.export_into(self.running_mean, self.running_var, binding.weight, binding.bias)
+            return None
+        return (*self._drift.moved_terms(binding.weight, binding.bias), self.running_mean,
+                self.running_var)
 
     @torch.no_grad()
     def set_running_stats(self, mean: Tensor, var: Tensor) -> None:
@@ -374,15 +381,14 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._producer_versions = self.binding.versions()
         follow_optimizer_steps(self)
 
-    def _after_optimizer_step(self) -> None:
-        """Called after every optimizer step (:mod:`~mmcbn.layers.optimizer_steps`). One that
-        moved the bound conv ends the iteration: the running statistics move to the new weights,
-        and the pending entry joins the ring now rather than at the next forward (between steps
-        the window then holds only the entries in use; a later forward starts a new entry)."""
+    def _end_iteration_after_step(self) -> None:
+        """Called after every optimizer step (:mod:`~mmcbn.layers.optimizer_steps`, which has moved
+        the running statistics to the new weights). A step that moved the bound conv ends the
+        iteration: the pending entry joins the ring now rather than at the next forward (between
+        steps the window then holds only the entries in use; a later forward starts a new entry)."""
         binding = self.binding
         if binding is None:
             return
-        self._export()
         versions = binding.versions()
         if versions == self._producer_versions:
             return  # another model's step (a GAN's discriminator), or nothing moved

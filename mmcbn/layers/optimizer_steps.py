@@ -11,13 +11,16 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .running_stats import move_running_stats
+
 #: Layers to call after optimizer steps; weak: a dropped model drops out.
 _following_layers: 'weakref.WeakSet' = weakref.WeakSet()
 _optimizer_hook = None
 
 
 def follow_optimizer_steps(layer) -> None:
-    """After every optimizer step (any optimizer), calls ``layer._after_optimizer_step()``."""
+    """After every optimizer step (any optimizer), moves ``layer``'s running statistics to its conv's
+    new weights and calls ``layer._end_iteration_after_step()``."""
     global _optimizer_hook
     if _optimizer_hook is None:
         _optimizer_hook = register_optimizer_step_post_hook(_after_step)
@@ -36,5 +39,9 @@ def stop_following(layer) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    for layer in list(_following_layers):
-        layer._after_optimizer_step()
+    layers = list(_following_layers)
+    # every layer's running statistics in one set of foreach kernels, not a set per layer
+    moves = (layer._running_stats_move() for layer in layers)
+    move_running_stats([move for move in moves if move is not None])
+    for layer in layers:
+        layer._end_iteration_after_step()

@@ -17,11 +17,11 @@ the unbiased batch variance (``n/(n-1) * (d sqmean/dW - 2 mean_t p_t)``, centred
 per-channel vectors per layer. ``R`` itself stays the layer's ordinary ``running_mean``/``running_var``.
 
 The layer writes ``mean(W)``/``var(W)`` into ``R`` after every optimizer step that changed its conv
-(:mod:`~mmcbn.layers.optimizer_steps`; :meth:`RunningDrift.export_into` then rebases, which leaves
-``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every reader sees (eval, a state
+(:mod:`~mmcbn.layers.optimizer_steps`; :func:`move_running_stats`, for every layer at once, then
+rebases, which leaves ``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every reader sees (eval, a state
 dict, a converter, an EMA of the model) always hold the statistics at the current weights.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -184,33 +184,48 @@ class RunningDrift(ScratchTensors):
         return not self.empty and self.versions != parameter_versions(weight, bias)
 
     @torch.no_grad()
-    def export_into(self, running_mean: Tensor, running_var: Tensor, weight: Tensor,
-                    bias: Optional[Tensor]) -> None:
-        """Moves ``running_mean``/``running_var`` to ``weight``/``bias`` (the variance clamped at 0)
-        and rebases, so that the drift is zero there: a few small ops, no sync.
-
-        Idempotent: the statistics the pair describes at any other weights are unchanged."""
-        d_mean, d_half_var = self.rebase(weight, bias)
-        running_mean.add_(d_mean)
-        running_var.add_(d_half_var, alpha=2.0).clamp_min_(0.0)
-
-    @torch.no_grad()
-    def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-        """Makes the drift zero at ``weight``/``bias``; returns how far the running mean and half
-        the variance had to move to get there (alone: after setting statistics valid at these
-        parameters)."""
+    def moved_terms(self, weight: Tensor, bias: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+        """The drift's terms at ``weight``/``bias`` and where it was last zero: ``[2C]`` ``<P, W> +
+        b A | <Gv, W>`` (a new tensor) and the ``[2C]`` view ``mean_at_own | half_var_at_own`` of
+        :attr:`state`. Their difference is how far the running mean and half the variance move;
+        :func:`move_running_stats` applies it and rebases. Two products, no sync."""
         patch_mean, half_var_grad, bias_weight, _, _ = self._views(self.state)
         channels = self._shape[1]
         w = self._flat(weight, half_var_grad.dtype)
-        delta = torch.empty(2 * channels, dtype=w.dtype, device=w.device)
-        d_mean, d_half_var = delta.view(2, channels)
-        self._mean_term(patch_mean, w, out=d_mean)
+        terms = torch.empty(2 * channels, dtype=w.dtype, device=w.device)
+        mean_term, half_var_term = terms.view(2, channels)
+        self._mean_term(patch_mean, w, out=mean_term)
         if bias is not None:
-            d_mean.addcmul_(bias.detach().to(w.dtype), bias_weight)
-        channel_dots(half_var_grad.unsqueeze(1), w, out=d_half_var)
-        at_own = self.state[-2 * channels:]  # mean_at_own and half_var_at_own, adjacent
-        delta.sub_(at_own)
-        at_own.add_(delta)
-        self.versions = parameter_versions(weight, bias)
-        return d_mean, d_half_var
+            mean_term.addcmul_(bias.detach().to(w.dtype), bias_weight)
+        channel_dots(half_var_grad.unsqueeze(1), w, out=half_var_term)
+        self.versions = parameter_versions(weight, bias)  # zero there once the terms are applied
+        return terms, self.state[-2 * channels:]  # mean_at_own and half_var_at_own, adjacent
 
+    @torch.no_grad()
+    def rebase(self, weight: Tensor, bias: Optional[Tensor]) -> None:
+        """Makes the drift zero at ``weight``/``bias`` without moving the running statistics (after
+        setting statistics valid at these parameters)."""
+        terms, at_own = self.moved_terms(weight, bias)
+        at_own.copy_(terms)
+
+
+@torch.no_grad()
+def move_running_stats(moves: List[Tuple[Tensor, Tensor, Tensor, Tensor]]) -> None:
+    """Moves layers' running statistics to their convs' current weights and rebases their drifts
+    there (which leaves the statistics they describe at any other weights unchanged).
+
+    Args:
+        moves: per layer, :meth:`RunningDrift.moved_terms` and its ``running_mean``/``running_var``.
+
+    Five ``foreach`` ops for any number of layers: after an optimizer step, one set of kernels for
+    the whole model instead of five per layer. The variance is clamped at 0.
+    """
+    if not moves:
+        return
+    terms, at_own, means, variances = (list(t) for t in zip(*moves))
+    torch._foreach_sub_(terms, at_own)  # now the moves
+    torch._foreach_add_(at_own, terms)  # the terms at the current weights: the drift is zero there
+    halves = [t.view(2, -1) for t in terms]
+    torch._foreach_add_(means, [h[0] for h in halves])
+    torch._foreach_add_(variances, [h[1] for h in halves], alpha=2.0)
+    torch._foreach_clamp_min_(variances, 0.0)
