@@ -123,10 +123,11 @@ def test_running_stats_follow_an_optimizer_step_in_a_few_ops_without_stalls():
     assert 0 < extra <= 10, (extra, cbn_steps[-1], bn_steps[-1])
 
 
-def test_an_optimizer_step_moves_every_layer_in_one_set_of_kernels():
-    """Three conv + CBN layers: the running statistics' moves after a step are the five foreach ops
-    of a lone layer, and each layer's buffers end as they do when every layer moves alone (an
-    update outside any optimizer, then ``export_running_stats()`` layer by layer)."""
+def test_an_optimizer_step_ends_every_layers_iteration_in_one_set_of_kernels():
+    """Three conv + CBN layers: after a step, the running statistics' moves and the entries'
+    commits are the foreach ops of a lone layer (two products per layer beside them), and each
+    layer's buffers and window end as they do when every layer acts alone (an update outside any
+    optimizer, ``export_running_stats()`` layer by layer, commits at the next forward)."""
     def stack(num_layers):
         torch.manual_seed(0)
         layers = []
@@ -162,8 +163,11 @@ def test_an_optimizer_step_moves_every_layer_in_one_set_of_kernels():
 
     x = torch.randn(2, 16, 12, 12)
     ops_alone, ops_three = train(stack(1), x), train(stack(3), x)
-    for op in ('_foreach_sub_', '_foreach_add_', '_foreach_clamp_min_'):
+    for op in ('_foreach_sub_', '_foreach_add_', '_foreach_clamp_min_', '_foreach_copy_',
+               '_foreach_add'):
         assert ops_three[op] == ops_alone[op] > 0, (op, ops_three, ops_alone)
+    assert ops_three['bmm'] == 3 * ops_alone['bmm'] == 6  # the products at the new weights
+    assert not {'index_copy_', 'index', 'clone'} & set(ops_three)
     together, apart = stack(3), stack(3)
     train(together, x)
     ops_apart = train(apart, x, by_hand=True)
@@ -172,6 +176,9 @@ def test_an_optimizer_step_moves_every_layer_in_one_set_of_kernels():
         assert a.running_mean.isfinite().all() and a.running_var.isfinite().all()
         torch.testing.assert_close(a.running_mean, b.running_mean, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-6, atol=1e-6)
+        stats_a, stats_b = a.window_stats(), b.window_stats()
+        for key in ('mean', 'var', 'raw_mean', 'raw_var'):
+            torch.testing.assert_close(stats_a[key], stats_b[key], rtol=1e-6, atol=1e-6)
     assert not torch.equal(together[1].running_mean[:16], together[3].running_mean[:16])
 
 

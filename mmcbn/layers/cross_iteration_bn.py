@@ -20,7 +20,7 @@ from .running_stats import RunningDrift, move_running_stats, update_running_stat
 from .torch_features import is_compiling
 from .validation import (check_bool, check_choice, check_int, check_number,
                          check_process_group)
-from .window import MomentWindow
+from .window import MomentWindow, commit_pending_entries
 
 RUNNING_STATS_SOURCES = ('window', 'batch')
 
@@ -381,31 +381,54 @@ class CrossIterationBatchNorm2d(_BatchNorm):
             self._producer_versions = self.binding.versions()
         follow_optimizer_steps(self)
 
-    def _end_iteration_after_step(self) -> None:
-        """Called after every optimizer step (:mod:`~mmcbn.layers.optimizer_steps`, which has moved
-        the running statistics to the new weights). A step that moved the bound conv ends the
-        iteration: the pending entry joins the ring now rather than at the next forward (between
-        steps the window then holds only the entries in use; a later forward starts a new entry)."""
+    @classmethod
+    def after_optimizer_step(cls, layers) -> None:
+        """Called with every following layer after every optimizer step
+        (:mod:`~mmcbn.layers.optimizer_steps`). Moves the running statistics of each layer whose
+        conv changed to the new weights; each whose conv the step moved ends its iteration: the
+        pending entry joins the ring now rather than at the next forward (between steps the window
+        then holds only the entries in use; a later forward starts a new entry). A few ``foreach``
+        kernels for all the layers together, beside two small products per layer."""
+        moves = (layer._running_stats_move() for layer in layers)
+        move_running_stats([move for move in moves if move is not None])
+        ending = [layer for layer in layers if layer._step_ends_iteration()]
+        # the commit overwrites the oldest slot: keep what window_stats() reports of it
+        snapshot = [layer._reports_full_ring() for layer in ending]
+        for layer in ending:
+            layer._warn_if_underived()
+        commit_pending_entries([layer._window for layer in ending], snapshot)
+        for layer, kept in zip(ending, snapshot):
+            if kept:
+                layer._state.recorded = layer._window.stats_snapshot
+            layer._new_iteration = True
+
+    def _step_ends_iteration(self) -> bool:
+        """Whether the optimizer step that just ran moved the bound conv (version counters: host
+        reads only) while an entry is pending; another model's step (a GAN's discriminator), or
+        one that moved nothing, leaves the iteration as it is."""
         binding = self.binding
         if binding is None:
-            return
+            return False
         versions = binding.versions()
         if versions == self._producer_versions:
-            return  # another model's step (a GAN's discriminator), or nothing moved
+            return False
         self._producer_versions = versions
-        window, state = self._window, self._state
-        if not window.pending:
-            return
-        if state is not None and state.mean is not None and state.recorded is None and \
-                len(window.committed) == window.capacity:
-            # the commit overwrites the oldest slot: keep what window_stats() reports of it
-            state.recorded = window.recorded_stats()
-        self._commit_pending()
-        self._new_iteration = True
+        return self._window.pending
+
+    def _reports_full_ring(self) -> bool:
+        """Whether ``window_stats()`` reports a ring whose every slot the last forward used."""
+        state, window = self._state, self._window
+        return state is not None and state.mean is not None and state.recorded is None and \
+            len(window.committed) == window.capacity
 
     def _commit_pending(self) -> None:
-        """Ends the iteration: the pending entry joins the ring (saying once if it was to be
-        compensated but its derivatives could not be computed)."""
+        """Ends the iteration: the pending entry joins the ring."""
+        self._warn_if_underived()
+        self._window.commit_pending()
+
+    def _warn_if_underived(self) -> None:
+        """Says once if the pending entry was to be compensated but its derivatives could not be
+        computed."""
         window, binding = self._window, self.binding
         if not is_compiling() and window.pending and self._pending_wants_derivatives and \
                 not window.pending_compensable and binding is not None and binding.trainable:
@@ -415,7 +438,6 @@ class CrossIterationBatchNorm2d(_BatchNorm):
                 "as torch.autograd.graph.save_on_cpu, held the conv's input); bind it "
                 'structurally (convert_bn_to_cbn, bind_cbn_layers, CBNHook) or with '
                 'layer.bind(conv)'))
-        window.commit_pending()
 
     # ------------------------------------------------------------------ forward
     def _check_input_dim(self, input: Tensor) -> None:

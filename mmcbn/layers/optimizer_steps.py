@@ -2,7 +2,8 @@
 move to the new weights (:mod:`~mmcbn.layers.running_stats`) and its iteration ends (the pending
 entry joins the ring, so that between steps the window holds only the entries in use).
 
-One process-wide hook (torch's global optimizer step post-hook) serves every layer; a layer acts
+One process-wide hook (torch's global optimizer step post-hook) serves every layer, all of them in
+one call (their work after a step is a few ``foreach`` kernels for the whole model); a layer acts
 only when its producer's parameters changed in place since the hook last saw them (version
 counters, read on the host: no device sync), so that the step of another model's optimizer (a
 GAN's discriminator) leaves it alone.
@@ -11,16 +12,14 @@ import weakref
 
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .running_stats import move_running_stats
-
 #: Layers to call after optimizer steps; weak: a dropped model drops out.
 _following_layers: 'weakref.WeakSet' = weakref.WeakSet()
 _optimizer_hook = None
 
 
 def follow_optimizer_steps(layer) -> None:
-    """After every optimizer step (any optimizer), moves ``layer``'s running statistics to its conv's
-    new weights and calls ``layer._end_iteration_after_step()``."""
+    """After every optimizer step (any optimizer), calls ``type(layer).after_optimizer_step`` with
+    ``layer`` among the following layers (one call for all of them: they batch their work)."""
     global _optimizer_hook
     if _optimizer_hook is None:
         _optimizer_hook = register_optimizer_step_post_hook(_after_step)
@@ -39,9 +38,8 @@ def stop_following(layer) -> None:
 
 
 def _after_step(optimizer, args, kwargs) -> None:
-    layers = list(_following_layers)
-    # every layer's running statistics in one set of foreach kernels, not a set per layer
-    moves = (layer._running_stats_move() for layer in layers)
-    move_running_stats([move for move in moves if move is not None])
-    for layer in layers:
-        layer._end_iteration_after_step()
+    by_type = {}
+    for layer in list(_following_layers):
+        by_type.setdefault(type(layer).after_optimizer_step, []).append(layer)
+    for after_optimizer_step, layers in by_type.items():
+        after_optimizer_step(layers)

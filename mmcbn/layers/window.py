@@ -5,6 +5,7 @@ import torch
 from torch import Tensor
 
 from .scratch_tensors import ScratchTensors
+from .torch_features import is_compiling
 
 # the per-entry flags after the three [C] fields of a row
 _VALID, _COMPENSABLE, _POSITIONS = range(3)
@@ -39,11 +40,13 @@ class MomentWindow(ScratchTensors):
     iteration's entries.
 
     Everything the arithmetic reads lives on the device, the slot written next included
-    (``cursor``, a one-element index): a training step never copies host data to the device nor
-    reads device data back, and no Python value that changes every step reaches a tensor op (what
-    lets ``torch.compile`` trace a steady step once). The host keeps only facts that are the same
-    at every steady step: the committed entries' compensability, oldest first (``committed``), and
-    the pending entry's calls and positions. An entry's age is not stored: the slots' order from
+    (``cursor``, a one-element count of the commits: the slot is the count modulo ``capacity``): a
+    training step never copies host data to the device nor reads device data back, and no Python
+    value that changes every step reaches a traced tensor op (what lets ``torch.compile`` trace a
+    steady step once). The host keeps facts that are the same at every steady step: the committed
+    entries' compensability, oldest first (``committed``), and the pending entry's calls and
+    positions; and, outside traced code, the count of commits as well, so that the optimizer step
+    commits every layer's entry in one ``foreach`` copy (:func:`commit_pending_entries`). An entry's age is not stored: the slots' order from
     the cursor gives it, and it is computed only while the ring holds entries older than the
     window (a window grown or shrunk by ``CBNHook``).
 
@@ -51,8 +54,8 @@ class MomentWindow(ScratchTensors):
         capacity: number of slots: the window size less the current iteration (0 for a window of
             1).
     """
-    tensor_names = ('slots', 'cursor', 'next_slot', 'slot_index', 'one', 'zero', 'flags',
-                    'pending_row')
+    tensor_names = ('slots', 'cursor', 'slot_index', 'one', 'zero', 'flags', 'pending_row',
+                    'stats_snapshot')
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -61,13 +64,16 @@ class MomentWindow(ScratchTensors):
     def clear(self) -> None:
         """Drops every entry and frees the storage."""
         self.slots: Optional[Tensor] = None  # [capacity, width]: one entry per row
-        self.cursor: Optional[Tensor] = None  # [1] the slot the next commit writes (long)
-        self.next_slot: Optional[Tensor] = None  # [capacity] the slot after each (long)
+        self.cursor: Optional[Tensor] = None  # [1] commits so far (long); modulo capacity: the slot
+        self._host_commits: Optional[int] = None  # the same count on the host (None: unknown)
         self.slot_index: Optional[Tensor] = None  # [capacity] 0, 1, ... (long)
         self.one: Optional[Tensor] = None  # [1]: the current batch's weight in in_window
         self.zero: Optional[Tensor] = None  # []: where()'s fill
         self.flags: Optional[Tensor] = None  # [2, 3]: valid, compensable (0 / 1), positions
         self.pending_row: Optional[Tensor] = None  # this iteration's entry
+        #: ``[capacity, 2C]`` every slot's mean | var before the last commit that was asked to keep
+        #: them (what ``window_stats()`` reports of an iteration whose oldest slot was overwritten)
+        self.stats_snapshot: Optional[Tensor] = None
         self._channels = 0
         self._groups = 0
         #: whether each committed entry is compensable, oldest first
@@ -170,13 +176,37 @@ class MomentWindow(ScratchTensors):
         row = self.pending_row
         if self.slots.shape[1] > row.shape[0]:  # an entry without derivatives: zeros there
             row = torch.cat([row, row.new_zeros(self.slots.shape[1] - row.shape[0])])
-        self.slots.index_copy_(0, self.cursor, row[None])
+        if not is_compiling() and self._host_commits is not None:
+            self.slots[self._host_commits % self.capacity].copy_(row)
+            self._host_commits += 1
+        else:  # traced: the slot from the device count (a Python count would be a new graph)
+            self.slots.index_copy_(0, self.cursor.remainder(self.capacity), row[None])
+            self._host_commits = None
+        self.cursor = self.cursor + 1  # a new tensor: the iteration's state keeps the old one
+        self._end_pending()
+
+    def _end_pending(self) -> None:
         self.committed.append(self.pending_compensable)
         if len(self.committed) > self.capacity:
             self.committed.pop(0)
-        self.cursor = self.next_slot[self.cursor]
         self.pending = False
         self.pending_row = None
+
+    def snapshot_stats(self) -> Tensor:
+        """Copies every slot's mean | var into :attr:`stats_snapshot` (before a commit overwrites
+        one) and returns it."""
+        self._snapshot_stats_of([self])
+        return self.stats_snapshot
+
+    @staticmethod
+    def _snapshot_stats_of(windows: List['MomentWindow']) -> None:
+        for w in windows:
+            width = 2 * w._channels
+            if w.stats_snapshot is None or w.stats_snapshot.shape[1] != width or \
+                    w.stats_snapshot.device != w.slots.device:
+                w.stats_snapshot = w.slots.new_empty(w.capacity, width)
+        torch._foreach_copy_([w.stats_snapshot for w in windows],
+                             [w.slots[:, :2 * w._channels] for w in windows])
 
     def open_pending(self) -> None:
         """Starts this iteration's entry."""
@@ -192,8 +222,8 @@ class MomentWindow(ScratchTensors):
             self.slots = torch.zeros(self.capacity, 3 * num_channels + _NUM_FLAGS, device=device,
                                      dtype=dtype)
             self.cursor = torch.zeros(1, device=device, dtype=torch.long)
+            self._host_commits = 0
             self.slot_index = torch.arange(self.capacity, device=device)
-            self.next_slot = (self.slot_index + 1).remainder_(self.capacity)
             self.one = torch.ones(1, device=device, dtype=dtype)
             self.zero = torch.zeros((), device=device, dtype=dtype)
             self.flags = torch.tensor([[1.0, 0.0, 0.0], [1.0, 1.0, 0.0]], device=device,
@@ -275,3 +305,28 @@ class MomentWindow(ScratchTensors):
         self._fit(row)
         self.pending_row = row
         self.pending_compensable = True
+
+
+def commit_pending_entries(windows: List[MomentWindow], snapshot: List[bool]) -> None:
+    """Ends the iteration of every window in ``windows`` (eager code: the optimizer step's hook).
+
+    Where the host knows the slot written next (always, unless a compiled forward committed an
+    entry), all the pending entries go into their slots in one ``foreach`` copy and the cursors
+    advance in one ``foreach`` add: a few kernels per step for the whole model instead of a few
+    per layer; the others commit one by one. ``snapshot``: per window, first keep its slots' mean
+    | var in :attr:`~MomentWindow.stats_snapshot` (one more ``foreach`` copy for all of them).
+    """
+    kept = [w for w, keep in zip(windows, snapshot) if keep and w.pending]
+    if kept:
+        MomentWindow._snapshot_stats_of(kept)
+    batched = [w for w in windows if w.pending and w._host_commits is not None
+               and w.pending_row.shape[0] == w.slots.shape[1]]
+    if batched:
+        torch._foreach_copy_([w.slots[w._host_commits % w.capacity] for w in batched],
+                             [w.pending_row for w in batched])
+        for w, cursor in zip(batched, torch._foreach_add([w.cursor for w in batched], 1)):
+            w.cursor = cursor
+            w._host_commits += 1
+            w._end_pending()
+    for w in windows:
+        w.commit_pending()  # the rest (a window that is no longer pending returns at once)
