@@ -51,12 +51,11 @@ def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor
 
 
 def _lerp(tensors, targets, factor) -> None:
-    """``t += factor * (target - t)`` for every pair: one op for a Python factor."""
-    if isinstance(factor, Tensor):  # a cumulative average's 1 / count, kept on the device
-        for t, target in zip(tensors, targets):
-            t.lerp_(target, factor)
-    else:
-        torch._foreach_lerp_(tensors, targets, factor)
+    """``t += factor * (target - t)`` for every pair, in one op; ``factor`` a Python number or a
+    0-dim tensor kept on the device (a cumulative average's 1 / count: one weight per pair, as a
+    tensor weight alone would be read back to the host)."""
+    torch._foreach_lerp_(tensors, targets,
+                         [factor] * len(tensors) if isinstance(factor, Tensor) else factor)
 
 
 class RunningDrift(ScratchTensors):
