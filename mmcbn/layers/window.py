@@ -319,8 +319,9 @@ def commit_pending_entries(windows: List[MomentWindow], snapshot: List[bool]) ->
     kept = [w for w, keep in zip(windows, snapshot) if keep and w.pending]
     if kept:
         MomentWindow._snapshot_stats_of(kept)
-    batched = [w for w in windows if w.pending and w._host_commits is not None
-               and w.pending_row.shape[0] == w.slots.shape[1]]
+    batched = [] if is_compiling() else [  # (a compiled optimizer step traces this hook)
+        w for w in windows if w.pending and w._host_commits is not None
+        and w.pending_row.shape[0] == w.slots.shape[1]]
     if batched:
         torch._foreach_copy_([w.slots[w._host_commits % w.capacity] for w in batched],
                              [w.pending_row for w in batched])
