@@ -77,6 +77,7 @@ class RunningDrift(ScratchTensors):
         """Forgets every tracked iteration (the running statistics then count as current)."""
         self.state: Optional[Tensor] = None
         self.one: Optional[Tensor] = None  # [1] the EMA's weight of the bias, for one batch
+        self._factors = {}  # Python EMA factors as 0-dim tensors (see _factor_tensor)
         #: the bound parameters' version counters where the drift is zero (see :meth:`stale`)
         self.versions: Optional[Tuple[int, int]] = None
         self._shape: Optional[Tuple[int, int, int]] = None  # (groups, C, K)
@@ -169,13 +170,24 @@ class RunningDrift(ScratchTensors):
                 r_var = unbiased_var if r_var is var and r_positions == num_positions else \
                     unbiased(r_var.to(dtype), r_positions)
                 new = [r_mean.to(dtype), r_var] + new
-        # a non-finite batch leaves everything as it is (a where: no host sync on the flag)
-        blended = torch.where(finite, torch.cat(new), torch.cat([t.reshape(-1) for t in tensors]))
-        if isinstance(factor, Tensor):
-            factor = factor.to(dtype)
-        _lerp(tensors, [b.view_as(t) for t, b in zip(tensors, blended.split(
-            [t.numel() for t in tensors]))], factor)
+        # a non-finite batch leaves everything as it is: its blend weight is 0 and its NaN/inf
+        # zeroed (the flag multiplies the weight, not the weight-sized target: no host sync)
+        target = torch.cat(new).nan_to_num_(0.0, 0.0, 0.0)
+        blend = self._factor_tensor(factor) * finite
+        _lerp(tensors, [t_new.view_as(t) for t, t_new in zip(tensors, target.split(
+            [t.numel() for t in tensors]))], blend)
         self.versions = parameter_versions(weight, bias)  # a batch at the current weights adds no drift
+
+    def _factor_tensor(self, factor) -> Tensor:
+        """``factor`` as a 0-dim tensor of the drift's dtype and device (a Python factor's made
+        once and kept)."""
+        if isinstance(factor, Tensor):
+            return factor.to(self.state.dtype)
+        kept = self._factors.get(factor)
+        if kept is None or kept.device != self.state.device or kept.dtype != self.state.dtype:
+            kept = self._factors[factor] = torch.full((), factor, dtype=self.state.dtype,
+                                                      device=self.state.device)
+        return kept
 
     def stale(self, weight: Tensor, bias: Optional[Tensor]) -> bool:
         """Whether ``weight``/``bias`` changed in place since the drift was last zero at them (their
