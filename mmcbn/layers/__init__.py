@@ -8,7 +8,7 @@ Glossary. The words of this package, one meaning each:
   their largest number, *effective window* the number in use now (1 during burn-in);
 * *ring*: the fixed slots holding the committed entries (:class:`~mmcbn.layers.window.
   MomentWindow`); a *slot* is one place in it, holding one entry as a *row* of floats; the
-  *cursor* is the slot written next;
+  *cursor* counts the entries committed, and modulo the ring's size is the slot written next;
 * *pending*: this iteration's entry, beside the ring; *committed*: written into the ring when
   the iteration ends (after the optimizer step that moves the producer, else when the next
   iteration starts);
