@@ -18,8 +18,9 @@ per-channel vectors per layer. ``R`` itself stays the layer's ordinary ``running
 
 The layer writes ``mean(W)``/``var(W)`` into ``R`` after every optimizer step that changed its conv
 (:mod:`~mmcbn.layers.optimizer_steps`; :func:`move_running_stats`, for every layer at once, then
-rebases, which leaves ``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every reader sees (eval, a state
-dict, a converter, an EMA of the model) always hold the statistics at the current weights.
+rebases, which leaves ``mean(W')``/``var(W')`` unchanged for every ``W'``), so the buffers every
+reader sees (eval, a state dict, a converter, an EMA of the model) always hold the statistics at
+the current weights.
 """
 from typing import List, Optional, Tuple
 

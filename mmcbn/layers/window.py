@@ -46,9 +46,9 @@ class MomentWindow(ScratchTensors):
     steady step once). The host keeps facts that are the same at every steady step: the committed
     entries' compensability, oldest first (``committed``), and the pending entry's calls and
     positions; and, outside traced code, the count of commits as well, so that the optimizer step
-    commits every layer's entry in one ``foreach`` copy (:func:`commit_pending_entries`). An entry's age is not stored: the slots' order from
-    the cursor gives it, and it is computed only while the ring holds entries older than the
-    window (a window grown or shrunk by ``CBNHook``).
+    commits every layer's entry in one ``foreach`` copy (:func:`commit_pending_entries`). An
+    entry's age is not stored: the slots' order from the cursor gives it, and it is computed only
+    while the ring holds entries older than the window (a window grown or shrunk by ``CBNHook``).
 
     Args:
         capacity: number of slots: the window size less the current iteration (0 for a window of
@@ -192,14 +192,10 @@ class MomentWindow(ScratchTensors):
         self.pending = False
         self.pending_row = None
 
-    def snapshot_stats(self) -> Tensor:
-        """Copies every slot's mean | var into :attr:`stats_snapshot` (before a commit overwrites
-        one) and returns it."""
-        self._snapshot_stats_of([self])
-        return self.stats_snapshot
-
     @staticmethod
     def _snapshot_stats_of(windows: List['MomentWindow']) -> None:
+        """Copies each window's slots' mean | var into its :attr:`stats_snapshot` (one
+        ``foreach`` copy for all)."""
         for w in windows:
             width = 2 * w._channels
             if w.stats_snapshot is None or w.stats_snapshot.shape[1] != width or \
