@@ -52,9 +52,9 @@ def _cbn(**kwargs):
 # backward with the batch's share 5; the gradient through the entries 8 (+1 to accumulate it into
 # the conv's gradient); conv forward / backward 2. The iteration's entry joins the ring in the
 # optimizer step that ends the iteration (2 ops there and 1 to keep what window_stats() reports,
-# counted by the last test; 2 ops of the next forward before the ring held only the entries in
-# use between steps). The slot written next lives on the device (what lets torch.compile trace
-# the step once).
+# counted by the tests below, the same 3 for any number of layers; 2 ops of the next forward
+# before the ring held only the entries in use between steps). The slot written next lives on
+# the device (what lets torch.compile trace the step once).
 OP_CEILINGS = {'default': 55, 'stop_grad': 44, 'naive': 34, 'plain_running_stats': 53,
                'sampled': 60, 'cumulative': 57}
 
