@@ -157,3 +157,34 @@ def test_compiled_block_with_a_sampled_derivative_is_one_graph():
     stats = block[1].window_stats()
     assert stats['compensated'].all() and stats['mean'].shape[0] == 3
     assert not torch.equal(stats['mean'], stats['raw_mean'])  # moved to the current weights
+
+
+def test_compiled_forward_that_ends_the_iteration_equals_eager():
+    """Iterations without an optimizer step (gradient accumulation, a frozen producer): the
+    pending entry joins the ring at the next iteration's first call, inside the compiled graph,
+    in the slot the device's count of commits names (the eager block's host count names the
+    same): outputs and windows as eager's, compiled at most twice."""
+    torch._dynamo.reset()
+    eager = _block()
+    compiled_block = copy.deepcopy(eager)
+    compiled_block[1].bind(compiled_block[0])
+    compilations = []
+
+    def backend(gm, example_inputs):
+        compilations.append(gm)
+        return gm.forward
+
+    model = torch.compile(compiled_block, backend=backend, fullgraph=True)
+    for it, (x, target) in enumerate(_inputs(WARM_STEPS + 8)):
+        outs = []
+        for block, fn in ((eager, eager), (compiled_block, model)):
+            block[1].iteration = it
+            out = (fn if it >= WARM_STEPS else block)(x)
+            (out * target).sum().backward()  # no optimizer step: the next call commits
+            outs.append(out.detach())
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    assert 1 <= len(compilations) <= 2, len(compilations)
+    stats_c, stats_e = compiled_block[1].window_stats(), eager[1].window_stats()
+    assert stats_c['mean'].shape[0] == 3
+    for key in ('mean', 'var', 'raw_mean', 'raw_var'):
+        torch.testing.assert_close(stats_c[key], stats_e[key], rtol=1e-4, atol=1e-5)

@@ -111,7 +111,7 @@ def describe_window(state: Optional[IterationState], window: MomentWindow,
                     age=torch.zeros(0, dtype=torch.long))
     idx = window.recent_slots(state.num_used, state.cursor)
     recorded = window.recorded_stats() if state.recorded is None else state.recorded
-    raw_mean, raw_var = recorded[idx].chunk(2, dim=1)
+    raw_mean, raw_var = recorded[idx].chunk(2, dim=1)  # (indexing copies)
     return dict(mean=state.mean[idx].clone(), var=state.var[idx].clone(),
                 raw_mean=raw_mean, raw_var=raw_var,
                 valid=(state.weights[1:][idx] > 0).to(state.mean.dtype),

@@ -155,8 +155,8 @@ class MomentWindow(ScratchTensors):
         return (cursor - steps).remainder_(self.capacity)
 
     def recorded_stats(self) -> Tensor:
-        """``[capacity, 2C]`` a copy of every slot's mean and variance as recorded."""
-        return self.slots[:, :2 * self._channels].clone()
+        """``[capacity, 2C]`` every slot's mean and variance as recorded (a view)."""
+        return self.slots[:, :2 * self._channels]
 
     def in_window(self, num_entries: int) -> Tensor:
         """``[1 + capacity]``: 1 for the current batch, then per slot 1 for the valid entries among
@@ -171,19 +171,13 @@ class MomentWindow(ScratchTensors):
     def commit_pending(self) -> None:
         """Ends the iteration: the pending entry is written into the oldest slot (whose entry
         leaves the window)."""
-        if not self.pending:
-            return
+        commit_pending_entries([self], [False])
+
+    def _full_pending_row(self) -> Tensor:
         row = self.pending_row
         if self.slots.shape[1] > row.shape[0]:  # an entry without derivatives: zeros there
             row = torch.cat([row, row.new_zeros(self.slots.shape[1] - row.shape[0])])
-        if not is_compiling() and self._host_commits is not None:
-            self.slots[self._host_commits % self.capacity].copy_(row)
-            self._host_commits += 1
-        else:  # traced: the slot from the device count (a Python count would be a new graph)
-            self.slots.index_copy_(0, self.cursor.remainder(self.capacity), row[None])
-            self._host_commits = None
-        self.cursor = self.cursor + 1  # a new tensor: the iteration's state keeps the old one
-        self._end_pending()
+        return row
 
     def _end_pending(self) -> None:
         self.committed.append(self.pending_compensable)
@@ -202,7 +196,7 @@ class MomentWindow(ScratchTensors):
                     w.stats_snapshot.device != w.slots.device:
                 w.stats_snapshot = w.slots.new_empty(w.capacity, width)
         torch._foreach_copy_([w.stats_snapshot for w in windows],
-                             [w.slots[:, :2 * w._channels] for w in windows])
+                             [w.recorded_stats() for w in windows])
 
     def open_pending(self) -> None:
         """Starts this iteration's entry."""
@@ -304,26 +298,31 @@ class MomentWindow(ScratchTensors):
 
 
 def commit_pending_entries(windows: List[MomentWindow], snapshot: List[bool]) -> None:
-    """Ends the iteration of every window in ``windows`` (eager code: the optimizer step's hook).
+    """Ends the iteration of every pending window in ``windows``.
 
-    Where the host knows the slot written next (always, unless a compiled forward committed an
-    entry), all the pending entries go into their slots in one ``foreach`` copy and the cursors
-    advance in one ``foreach`` add: a few kernels per step for the whole model instead of a few
-    per layer; the others commit one by one. ``snapshot``: per window, first keep its slots' mean
-    | var in :attr:`~MomentWindow.stats_snapshot` (one more ``foreach`` copy for all of them).
+    Where the host knows the slot written next (in eager code, unless a compiled forward
+    committed an entry), all the pending entries go into their slots in one ``foreach`` copy and
+    the cursors advance in one ``foreach`` add: after an optimizer step, a few kernels for the
+    whole model instead of a few per layer. In traced code the slot comes from the device count
+    (a Python count would be a new graph every step), one window at a time. ``snapshot``: per
+    window, first keep its slots' mean | var in :attr:`~MomentWindow.stats_snapshot` (one more
+    ``foreach`` copy for all of them).
     """
-    kept = [w for w, keep in zip(windows, snapshot) if keep and w.pending]
+    pending = [(w, keep) for w, keep in zip(windows, snapshot) if w.pending]
+    kept = [w for w, keep in pending if keep]
     if kept:
         MomentWindow._snapshot_stats_of(kept)
-    batched = [] if is_compiling() else [  # (a compiled optimizer step traces this hook)
-        w for w in windows if w.pending and w._host_commits is not None
-        and w.pending_row.shape[0] == w.slots.shape[1]]
-    if batched:
-        torch._foreach_copy_([w.slots[w._host_commits % w.capacity] for w in batched],
-                             [w.pending_row for w in batched])
-        for w, cursor in zip(batched, torch._foreach_add([w.cursor for w in batched], 1)):
-            w.cursor = cursor
+    on_host = [] if is_compiling() else [w for w, _ in pending if w._host_commits is not None]
+    if on_host:
+        torch._foreach_copy_([w.slots[w._host_commits % w.capacity] for w in on_host],
+                             [w._full_pending_row() for w in on_host])
+        for w, cursor in zip(on_host, torch._foreach_add([w.cursor for w in on_host], 1)):
+            w.cursor = cursor  # a new tensor: the iteration's state keeps the old one
             w._host_commits += 1
             w._end_pending()
-    for w in windows:
-        w.commit_pending()  # the rest (a window that is no longer pending returns at once)
+    for w, _ in pending:
+        if w.pending:  # traced, or the host lost the count
+            w.slots.index_copy_(0, w.cursor.remainder(w.capacity), w._full_pending_row()[None])
+            w._host_commits = None
+            w.cursor = w.cursor + 1
+            w._end_pending()
