@@ -39,6 +39,7 @@ def parameter_versions(weight: Tensor, bias: Optional[Tensor]) -> Tuple[int, int
     optimizer step's included (read on the host: no device sync)."""
     return weight._version, -1 if bias is None else bias._version
 
+
 @dataclass(eq=False)
 class ConvBinding:
     """The conv a CBN layer is compensated against.
